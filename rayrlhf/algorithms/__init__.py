@@ -1,0 +1,65 @@
+"""Pure-torch RLHF math: KL estimators/controllers, advantage estimators and losses.
+
+No Ray or model code lives here, so every function can be unit-tested on CPU and reused by
+any trainer actor.
+"""
+
+from .advantages import (
+    ADVANTAGE_ESTIMATORS,
+    gae,
+    group_advantages,
+    reinforce_pp_advantages,
+    reinforce_pp_returns,
+    rloo_advantages,
+    token_rewards,
+)
+from .kl import (
+    KL_CONTROLLERS,
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    kl_estimate,
+    make_kl_controller,
+)
+from .losses import (
+    AGG_MODES,
+    aggregate_loss,
+    bradley_terry_loss,
+    dpo_loss,
+    ppo_policy_loss,
+    ptx_loss,
+    sequence_logprob,
+    sft_nll_loss,
+    value_loss,
+)
+from .utils import explained_variance, masked_mean, masked_sum, masked_var, masked_whiten
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "AGG_MODES",
+    "KL_CONTROLLERS",
+    "KL_ESTIMATORS",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "aggregate_loss",
+    "bradley_terry_loss",
+    "dpo_loss",
+    "explained_variance",
+    "gae",
+    "group_advantages",
+    "kl_estimate",
+    "make_kl_controller",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "ppo_policy_loss",
+    "ptx_loss",
+    "reinforce_pp_advantages",
+    "reinforce_pp_returns",
+    "rloo_advantages",
+    "sequence_logprob",
+    "sft_nll_loss",
+    "token_rewards",
+    "value_loss",
+]

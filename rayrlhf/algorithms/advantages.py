@@ -1,0 +1,166 @@
+"""Reward shaping and advantage estimators: GAE (PPO), GRPO, RLOO and REINFORCE++.
+
+Conventions: ``B`` rows, ``T`` response tokens, ``mask`` is 1 on response tokens and 0 on
+right padding; sequence-level inputs are ``[B]``. Advantages are targets, never something to
+differentiate through, so every estimator here runs without autograd and returns detached
+tensors that are exactly 0 on padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .utils import masked_whiten
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "token_rewards",
+    "gae",
+    "group_advantages",
+    "rloo_advantages",
+    "reinforce_pp_returns",
+    "reinforce_pp_advantages",
+]
+
+
+def _last_token_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of each row's last response token, and whether the row has any response token."""
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    last = torch.where(mask != 0, positions, torch.full_like(positions, -1)).amax(dim=-1)
+    return last.clamp_min(0), last >= 0
+
+
+@torch.no_grad()
+def token_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float | torch.Tensor
+) -> torch.Tensor:
+    """Dense per-token reward ``-kl_coef * kl`` plus the sequence score on the last response token.
+
+    This is the InstructGPT/Ziegler reward: the reward model scores the whole response once,
+    the KL penalty is paid per token. A row whose mask is all zero (empty response) gets no
+    score and an all-zero reward row.
+    """
+    mask = mask.to(kl.dtype)
+    zero = torch.zeros((), dtype=kl.dtype, device=kl.device)
+    rewards = torch.where(mask != 0, -kl_coef * kl, zero)
+    last, has_tokens = _last_token_index(mask)
+    placed = torch.where(has_tokens, scores.to(rewards.dtype), zero)
+    return rewards.scatter_add(1, last.unsqueeze(1), placed.unsqueeze(1))
+
+
+@torch.no_grad()
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised Advantage Estimation (Schulman et al. 2016) over response tokens.
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t`` with ``V = 0`` after the last response token
+    (the episode terminates there), ``A_t = delta_t + gamma * lam * A_{t+1}`` and
+    ``returns = A + V`` (the critic's regression target). Both outputs are 0 on padding.
+    The reverse scan is over ``T`` only; all rows advance together.
+    """
+    rewards = rewards.detach()
+    mask = mask.detach().to(rewards.dtype)
+    values = values.detach().to(rewards.dtype) * mask
+    rewards = torch.where(mask != 0, rewards, torch.zeros_like(rewards))
+    num_tokens = rewards.shape[1]
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_adv = torch.zeros_like(rewards[:, 0])
+    reversed_adv = []
+    for t in reversed(range(num_tokens)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        next_value = values[:, t]
+        reversed_adv.append(next_adv)
+    advantages = torch.stack(reversed_adv[::-1], dim=1)
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def _grouped(scores: torch.Tensor, group_size: int, min_size: int, what: str) -> torch.Tensor:
+    if scores.dim() != 1:
+        raise ValueError(f"{what} expects sequence-level scores of shape [B], got {tuple(scores.shape)}")
+    if group_size < min_size:
+        raise ValueError(f"{what} needs group_size >= {min_size}, got {group_size}")
+    if scores.shape[0] % group_size != 0:
+        raise ValueError(
+            f"{what}: batch size {scores.shape[0]} is not divisible by group_size {group_size}; "
+            "rows must form contiguous groups of responses to the same prompt"
+        )
+    return scores.detach().reshape(-1, group_size)
+
+
+def _zero_constant_groups(adv: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Force exact zeros for groups whose scores are all equal (no learning signal).
+
+    Rounding in the group mean would otherwise leave ~1e-8 residues that the std division
+    can blow up to O(1) noise.
+    """
+    constant = (groups == groups[:, :1]).all(dim=1, keepdim=True)
+    return torch.where(constant, torch.zeros_like(adv), adv)
+
+
+@torch.no_grad()
+def group_advantages(
+    scores: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """GRPO outcome advantages (Shao et al. 2024): score minus its group mean, over the group std.
+
+    Rows ``[k*group_size, (k+1)*group_size)`` are responses to the same prompt. The std is the
+    unbiased one, so ``scale_by_std`` needs ``group_size >= 2``. ``scale_by_std=False`` is
+    Dr. GRPO (Liu et al. 2025), which drops the std division to avoid favouring prompts that
+    are too easy or too hard. Groups with equal scores give exactly 0. Returns ``[B]``.
+    """
+    groups = _grouped(scores, group_size, 2 if scale_by_std else 1, "group_advantages")
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    return _zero_constant_groups(centred, groups).reshape(-1)
+
+
+@torch.no_grad()
+def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE Leave-One-Out (Ahmadian et al. 2024): each score minus the mean of the others.
+
+    The leave-one-out baseline is independent of the sample it corrects, so the estimator
+    stays unbiased. Needs ``group_size >= 2``. Returns ``[B]``.
+    """
+    groups = _grouped(scores, group_size, 2, "rloo_advantages")
+    others_mean = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return _zero_constant_groups(groups - others_mean, groups).reshape(-1)
+
+
+@torch.no_grad()
+def reinforce_pp_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Discounted reward-to-go ``G_t = r_t + gamma * G_{t+1}`` of token rewards; 0 on padding."""
+    rewards = rewards.detach()
+    mask = mask.detach().to(rewards.dtype)
+    rewards = torch.where(mask != 0, rewards, torch.zeros_like(rewards))
+    running = torch.zeros_like(rewards[:, 0])
+    reversed_returns = []
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        reversed_returns.append(running)
+    return torch.stack(reversed_returns[::-1], dim=1)
+
+
+@torch.no_grad()
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025): reward-to-go whitened over all response tokens of the batch.
+
+    Batch-level (not per-prompt) normalisation gives a critic-free baseline without requiring
+    several samples per prompt. 0 on padding.
+    """
+    return masked_whiten(reinforce_pp_returns(rewards, mask, gamma), mask)
+
+
+# Names accepted in configs -> estimator. Signatures differ (token-level GAE needs values;
+# group estimators need group_size), so callers dispatch on the name, not blindly on the callable.
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., object]] = {
+    "gae": gae,
+    "grpo": group_advantages,
+    "rloo": rloo_advantages,
+    "reinforce_pp": reinforce_pp_advantages,
+}

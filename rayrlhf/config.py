@@ -1,0 +1,346 @@
+"""Typed configuration for one rayrlhf job.
+
+Every section is a pydantic model that forbids unknown keys, so a typo in a YAML file or a
+`--set` override is an error naming the key instead of a silently ignored setting. Every
+knob has a default and a one-line description (shown by `rayrlhf validate`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ONLINE_ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_pp")
+OFFLINE_ALGORITHMS = ("sft", "rm", "dpo")
+GROUP_ALGORITHMS = ("grpo", "rloo")
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    policy: str = Field("tiny", description="Policy to train: a local directory, a hub id, or 'tiny' for the locally built test model.")
+    critic: str | None = Field(None, description="Critic initialisation for PPO (a causal LM or reward model; a value head is added). Required by ppo.")
+    reward: str | None = Field(None, description="Reward model (sequence classifier with one label); alternative to reward.function.")
+    reference: str | None = Field(None, description="Frozen reference policy for the KL term; defaults to model.policy.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model directory or hub repo.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype: 'auto' is bfloat16 on GPUs that support it and float32 on CPU."
+    )
+
+
+class RewardConfig(Section):
+    function: str | None = Field(None, description="Reward function 'path/to/file.py:fn' or 'package.module:fn'.")
+    url: str | None = Field(None, description="Remote HTTP reward endpoint (POST JSON), alternative to a function or model.")
+    timeout_s: float = Field(30.0, gt=0, description="Per-call timeout of a reward function or HTTP request, seconds.")
+    max_retries: int = Field(2, ge=0, description="Retries of a failed HTTP reward request before the samples count as failed.")
+    num_workers: int = Field(1, ge=1, description="Reward actors scoring in parallel.")
+    clip: float | None = Field(None, gt=0, description="Clip rewards to [-clip, clip]; null disables.")
+
+
+class DataConfig(Section):
+    train: str | None = Field(None, description="Training data: a jsonl or parquet file, or a dataset name.")
+    eval: str | None = Field(None, description="Held-out data with the same fields as data.train.")
+    pretrain: str | None = Field(None, description="Pretraining text (jsonl/parquet with a 'text' field) for the PPO-ptx term.")
+    max_prompt_tokens: int = Field(256, ge=1, description="Longest prompt, in tokens, after the chat template.")
+    overlong_prompts: Literal["error", "drop"] = Field(
+        "error", description="What to do with a prompt longer than max_prompt_tokens: fail naming file and row, or drop and count."
+    )
+    apply_chat_template: bool = Field(True, description="Wrap prompts with the tokenizer's chat template when it has one.")
+    shuffle: bool = Field(True, description="Shuffle the training rows each epoch (seeded by `seed`).")
+
+
+class AlgorithmConfig(Section):
+    name: Literal["ppo", "grpo", "rloo", "reinforce_pp", "sft", "rm", "dpo"] = Field(
+        "grpo", description="Training algorithm: online RL (ppo, grpo, rloo, reinforce_pp) or offline (sft, rm, dpo)."
+    )
+    group_size: int = Field(1, ge=1, description="Samples per prompt; grpo and rloo need at least 2.")
+    kl_coef: float = Field(0.02, ge=0, description="KL weight β (initial value when the controller is adaptive).")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="KL estimator: k1 = d, k2 = d²/2, k3 = exp(-d)-1+d.")
+    kl_in_reward: bool | None = Field(
+        None, description="KL as a per-token reward penalty (true) or a loss term (false); default: ppo/rloo/reinforce_pp true, grpo false."
+    )
+    kl_controller: Literal["fixed", "adaptive"] = Field("fixed", description="Fixed β, or adaptive toward kl_target (Ziegler et al.).")
+    kl_target: float = Field(6.0, gt=0, description="Target KL per sequence for the adaptive controller.")
+    kl_horizon: int = Field(10000, gt=0, description="Horizon (in samples) of the adaptive KL controller.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount factor for GAE and REINFORCE++ returns.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
+    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip ε (lower side, and upper side unless clip_eps_high is set).")
+    clip_eps_high: float | None = Field(None, gt=0, description="Upper PPO clip (DAPO's clip-higher); null uses clip_eps.")
+    value_clip_eps: float = Field(0.2, gt=0, description="Clip range of the critic's value update.")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each step's samples.")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
+        "token-mean", description="How per-token losses are reduced (seq-mean-token-sum-norm is Dr. GRPO's)."
+    )
+    scale_by_std: bool = Field(True, description="GRPO: divide group-centred scores by the group std (false is Dr. GRPO).")
+    whiten_advantages: bool = Field(True, description="Whiten advantages over the batch (ppo, reinforce_pp).")
+    overlong_penalty: float = Field(0.0, ge=0, description="Penalty subtracted from the score of a response cut by the length limit.")
+    ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx weight γ on the pretraining NLL (InstructGPT: 27.8); needs data.pretrain.")
+    beta: float = Field(0.1, gt=0, description="DPO β.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO label smoothing (conservative DPO).")
+
+    @property
+    def is_online(self) -> bool:
+        return self.name in ONLINE_ALGORITHMS
+
+    @property
+    def kl_as_reward(self) -> bool:
+        """Whether the KL enters as a token reward penalty (InstructGPT) rather than a loss term (GRPO)."""
+        return self.kl_in_reward if self.kl_in_reward is not None else self.name != "grpo"
+
+
+class RolloutConfig(Section):
+    backend: Literal["vllm", "hf"] = Field("vllm", description="Generation engine: vllm, or transformers generate ('hf').")
+    num_workers: int = Field(1, ge=1, description="Rollout worker actors, one engine each.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest response, in tokens.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    top_k: int = Field(-1, description="Top-k sampling; -1 disables.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Engine dtype; 'auto' follows model.dtype.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism (GPUs per worker).")
+    gpu_memory_utilization: float = Field(
+        0.2, gt=0, le=1, description="vLLM memory share (on CPU, of NUMA node 0's memory; the vLLM default 0.92 fails there)."
+    )
+    max_model_len: int | None = Field(None, ge=16, description="Engine context length; default max_prompt_tokens + max_new_tokens.")
+    enforce_eager: bool = Field(True, description="Disable CUDA graphs in vLLM (faster start, slower decode).")
+    micro_batch_size: int = Field(8, ge=1, description="Completions per scoring micro-batch streamed to the scorers.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per rollout worker actor.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per rollout worker actor (tensor_parallel_size on GPU clusters).")
+
+
+class RoleConfig(Section):
+    num_ranks: int = Field(1, ge=1, description="Data-parallel ranks (actors) in this trainer group.")
+    lr: float = Field(1e-6, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="Learning-rate schedule after warm-up.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per rank.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per rank.")
+
+
+class TrainerConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    micro_batch_size: int = Field(4, ge=1, description="Samples per rank per forward/backward pass.")
+    mini_batch_size: int | None = Field(
+        None, ge=1, description="Samples per optimizer step across all ranks; default: all samples of a step (one update per epoch)."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    bf16: bool | None = Field(None, description="bfloat16 mixed precision; default: on where the GPU supports it, off on CPU.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    policy: RoleConfig = Field(default_factory=RoleConfig, description="The policy trainer group.")
+    critic: RoleConfig = Field(default_factory=lambda: RoleConfig(lr=5e-6), description="The critic trainer group (ppo only).")
+
+
+class ScheduleConfig(Section):
+    steps: int = Field(10, ge=1, description="Training steps (online RL: rollout + update; offline: optimizer steps).")
+    prompts_per_step: int = Field(8, ge=1, description="Prompts per step; each is sampled algorithm.group_size times.")
+    epochs: int = Field(1, ge=1, description="Offline algorithms: passes over data.train (steps caps the total).")
+    eval_every: int = Field(0, ge=0, description="Evaluate on data.eval every N steps (0: only at the end).")
+    verify_sync_every: int = Field(1, ge=0, description="Verify worker weights by checksum every N syncs (0 disables).")
+
+
+class CheckpointConfig(Section):
+    every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: only the final model).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="Ray cluster address; default RAY_ADDRESS, else an embedded local Ray.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray (default: all).")
+    include_dashboard: bool = Field(True, description="Start the dashboard with the embedded local Ray.")
+    dashboard_host: str = Field("127.0.0.1", description="Dashboard bind address of the embedded Ray; localhost by default.")
+
+
+class JobConfig(Section):
+    seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
+    output_dir: str = Field("outputs/run", description="Where config.yaml, metrics.jsonl, checkpoints/ and final/ go.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Models.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward source for online RL.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Datasets.")
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="Algorithm and its hyper-parameters.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers.")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="DeepSpeed trainer groups.")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Steps and batch sizes.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray connection.")
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.schedule.prompts_per_step * self.algorithm.group_size
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> JobConfig:
+        """Catch combinations that would fail deep inside a run, naming the keys involved."""
+        algo = self.algorithm
+        if algo.name == "ppo" and self.model.critic is None:
+            raise ValueError(
+                "algorithm.name=ppo needs a critic: set model.critic (for example the reward model or the policy's path)"
+            )
+        if algo.name in GROUP_ALGORITHMS and algo.group_size < 2:
+            raise ValueError(f"algorithm.name={algo.name} needs algorithm.group_size >= 2 (got {algo.group_size})")
+        if algo.ptx_coef > 0 and self.data.pretrain is None:
+            raise ValueError("algorithm.ptx_coef > 0 (PPO-ptx) needs data.pretrain")
+        if algo.is_online:
+            sources = [s for s in (self.model.reward, self.reward.function, self.reward.url) if s]
+            if len(sources) != 1:
+                raise ValueError(
+                    f"algorithm.name={algo.name} needs exactly one reward source: model.reward, reward.function or reward.url "
+                    f"(got {len(sources)})"
+                )
+            self._check_batch_split()
+        return self
+
+    def _check_batch_split(self) -> None:
+        n = self.samples_per_step
+        mini = self.trainer.mini_batch_size or n
+        where = f"schedule.prompts_per_step * algorithm.group_size = {n}"
+        if n % mini:
+            raise ValueError(f"{where} must be divisible by trainer.mini_batch_size = {mini}")
+        roles = [("policy", self.trainer.policy)]
+        if self.algorithm.name == "ppo":
+            roles.append(("critic", self.trainer.critic))
+        for role, cfg in roles:
+            if mini % cfg.num_ranks:
+                raise ValueError(
+                    f"the mini-batch of {mini} samples ({'trainer.mini_batch_size' if self.trainer.mini_batch_size else where}) "
+                    f"must split evenly over trainer.{role}.num_ranks = {cfg.num_ranks}"
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML file + `--set a.b=c` overrides -> validated JobConfig, with errors that name
+# the key, the file and the line.
+# ---------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the key, file and line and is shown without traceback."""
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML document to its 1-based line number."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = (*path, str(key_node.value))
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse one `a.b=c` override; the value is read as YAML so `3`, `true`, `null`, `[1, 2]` get their types."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example --set algorithm.kl_coef=0.05")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc.problem})") from None
+    return key.strip().split("."), value
+
+
+def _apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for i, part in enumerate(path[:-1]):
+        section = path[: i + 1]
+        if part in _field_names(JobConfig, tuple(path[:i])) and not _is_section(JobConfig, tuple(section)):
+            raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(section)} is a value, not a section")
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {'.'.join(section)} is not a mapping in the config file")
+        node = child
+    node[path[-1]] = value
+
+
+def _section_model(model: type[BaseModel], path: tuple[str, ...]) -> type[BaseModel] | None:
+    """The pydantic model of the section at `path`, or None when `path` is not a section."""
+    for part in path:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _is_section(model: type[BaseModel], path: tuple[str, ...]) -> bool:
+    return _section_model(model, path) is not None
+
+
+def _field_names(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
+    """The valid keys of the section at `path`, to suggest a fix for a misspelt key."""
+    section = _section_model(model, path)
+    return list(section.model_fields) if section else []
+
+
+def _describe(error: dict[str, Any], source: str, lines: dict[tuple[str, ...], int], overridden: set[str]) -> str:
+    loc = tuple(str(p) for p in error["loc"])
+    key = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(loc[-1], _field_names(JobConfig, loc[:-1]), n=1)
+        why = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
+    else:
+        why = error["msg"].removeprefix("Value error, ")
+    if not key:
+        return why
+    if key in overridden:
+        where = "--set"
+    elif loc in lines:
+        where = f"{source}, line {lines[loc]}"
+    else:
+        where = source
+    return f"{key}: {why} [{where}]"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read a job config from YAML (or defaults when `path` is None) and apply `--set` overrides."""
+    source = str(path) if path is not None else "<defaults>"
+    text = ""
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read the config file ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text) if text else {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f", line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    overridden = set()
+    for item in overrides:
+        keys, value = parse_override(item)
+        _apply_override(data, keys, value)
+        overridden.add(".".join(keys))
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = _key_lines(text)
+        messages = [_describe(e, source, lines, overridden) for e in exc.errors()]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(messages)) from None
+
+
+def to_yaml(cfg: JobConfig) -> str:
+    """The resolved config as YAML, as written to `output_dir/config.yaml` (it holds no secrets)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,69 @@
+"""The `rayrlhf` command line: one entry point, a sub-command per job kind.
+
+Exit codes (DESIGN.md): 0 success; 2 invalid input, with a short message naming the field,
+file or line; 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from rayrlhf.config import ConfigError, load_config, to_yaml
+
+log = logging.getLogger("rayrlhf")
+
+EXIT_OK, EXIT_FAILURE, EXIT_INVALID = 0, 1, 2
+
+
+class InvalidInput(ValueError):
+    """Bad user input found after the config loaded (a data file, a reward function path)."""
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="job config (YAML)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set algorithm.kl_coef=0.05 (repeatable)",
+    )
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Validate a config and print it resolved, defaults filled in."""
+    cfg = load_config(args.config, args.overrides)
+    sys.stdout.write(to_yaml(cfg))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayrlhf", description="Distributed RLHF on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    validate = sub.add_parser("validate", help="validate a config and print it resolved")
+    _add_config_args(validate)
+    validate.set_defaults(func=cmd_validate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (ConfigError, InvalidInput) as exc:
+        sys.stderr.write(f"rayrlhf: {exc}\n")
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        sys.stderr.write("rayrlhf: interrupted\n")
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Load the policy (causal LM), critic (per-token value head) and reward model (scalar head).
+
+Each takes a local directory or a hub id. Custom modelling code runs only when the job config
+says `model.trust_remote_code: true`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """'auto' is bfloat16 on a GPU that supports it, float32 elsewhere (CPU kernels are fastest in fp32)."""
+    if name != "auto":
+        return DTYPES[name]
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer, with a pad token guaranteed (EOS stands in when the model has none)."""
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _pad_id(path: str | Path, trust_remote_code: bool) -> int | None:
+    return load_tokenizer(path, trust_remote_code).pad_token_id
+
+
+def load_policy(path: str | Path, dtype: str = "auto", trust_remote_code: bool = False) -> PreTrainedModel:
+    """A causal LM for the policy or the frozen reference."""
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+    )
+
+
+def load_critic(path: str | Path, dtype: str = "auto", trust_remote_code: bool = False) -> PreTrainedModel:
+    """A transformer with a one-output head on every token: V(s_t) for GAE.
+
+    Initialised from a causal LM (new head) or from a reward model of the same architecture,
+    whose `score` head carries over, as InstructGPT initialises its value function from the RM.
+    """
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    config.num_labels = 1
+    if config.pad_token_id is None:
+        config.pad_token_id = _pad_id(path, trust_remote_code)
+    return AutoModelForTokenClassification.from_pretrained(
+        str(path), config=config, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+    )
+
+
+def load_reward_model(path: str | Path, dtype: str = "auto", trust_remote_code: bool = False) -> PreTrainedModel:
+    """A sequence classifier with one label: the score read at the last non-padding token."""
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    config.num_labels = 1
+    if config.pad_token_id is None:
+        config.pad_token_id = _pad_id(path, trust_remote_code)
+    return AutoModelForSequenceClassification.from_pretrained(
+        str(path), config=config, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+    )

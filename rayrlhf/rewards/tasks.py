@@ -1,0 +1,18 @@
+"""Reward functions for the tasks in `rayrlhf.data.tasks` (signature in DESIGN.md)."""
+
+from __future__ import annotations
+
+
+def sort_score(response: str, answer: str) -> float:
+    """1.0 for the exact answer; otherwise partial credit for right letters in the right places,
+    minus a length mismatch term, so that a policy gets a gradient before it is ever right."""
+    response = response.strip()
+    if response == answer:
+        return 1.0
+    hits = sum(a == b for a, b in zip(response, answer))
+    return 0.5 * hits / len(answer) - 0.1 * min(abs(len(response) - len(answer)), 5) / 5
+
+
+def sort_reward(prompts: list[str], responses: list[str], answer: list[str], **_: object) -> list[float | None]:
+    """Score each response against its row's `answer` column."""
+    return [sort_score(r, a) for r, a in zip(responses, answer, strict=True)]

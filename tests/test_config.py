@@ -1,0 +1,156 @@
+"""Config loading, overrides, cross-field checks and the `rayrlhf validate` command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rayrlhf.config import ConfigError, JobConfig, load_config, parse_override
+from rayrlhf.launch.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "cluster_configs").rglob("*.yaml"))
+JOB_CONFIGS = [p for p in SHIPPED if yaml.safe_load(p.read_text()).get("algorithm")]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+GRPO = """\
+algorithm:
+  name: grpo
+  group_size: 4
+reward:
+  function: rayrlhf.rewards.tasks:sort_reward
+"""
+
+
+def test_every_key_has_a_default_and_a_description() -> None:
+    def walk(model: type, prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            assert field.description, f"{prefix}{name} has no description"
+            assert not field.is_required(), f"{prefix}{name} has no default"
+            ann = field.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann, f"{prefix}{name}.")
+
+    walk(JobConfig, "")
+
+
+@pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_configs_validate(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.output_dir
+
+
+def test_overrides_coerce_types(tmp_path: Path) -> None:
+    cfg = load_config(
+        write(tmp_path, GRPO),
+        ["algorithm.kl_coef=0.05", "schedule.steps=7", "trainer.bf16=true", "model.reference=null",
+         "rollout.backend=hf", "algorithm.group_size=2"],
+    )
+    assert cfg.algorithm.kl_coef == 0.05 and isinstance(cfg.schedule.steps, int) and cfg.schedule.steps == 7
+    assert cfg.trainer.bf16 is True and cfg.model.reference is None
+    assert cfg.rollout.backend == "hf" and cfg.algorithm.group_size == 2
+
+
+def test_override_of_a_nested_section(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GRPO), ["trainer.policy.lr=3e-4", "trainer.policy.num_ranks=2"])
+    assert cfg.trainer.policy.lr == pytest.approx(3e-4)
+    assert cfg.trainer.policy.num_ranks == 2
+    assert cfg.trainer.critic.num_ranks == 1
+
+
+def test_unknown_key_names_key_file_line_and_suggestion(tmp_path: Path) -> None:
+    path = write(tmp_path, "seed: 1\nalgorithm:\n  name: rloo\n  group_size: 2\n  kl_coeff: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "algorithm.kl_coeff: unknown key" in msg
+    assert "did you mean 'kl_coef'" in msg
+    assert f"{path}, line 5" in msg
+
+
+def test_unknown_override_key_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"rollout\.num_worker: unknown key .*num_workers.*\[--set\]"):
+        load_config(write(tmp_path, GRPO), ["rollout.num_worker=2"])
+
+
+def test_bad_value_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"algorithm\.kl_estimator: .*'k1', 'k2' or 'k3'"):
+        load_config(write(tmp_path, GRPO), ["algorithm.kl_estimator=k4"])
+    with pytest.raises(ConfigError, match=r"schedule\.steps: .*greater than or equal to 1"):
+        load_config(write(tmp_path, GRPO), ["schedule.steps=0"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        (["algorithm.name=ppo"], r"ppo needs a critic: set model\.critic"),
+        (["algorithm.group_size=1"], r"grpo needs algorithm\.group_size >= 2"),
+        (["algorithm.ptx_coef=27.8"], r"needs data\.pretrain"),
+        (["reward.function=null"], r"exactly one reward source"),
+        (["model.reward=some/rm"], r"exactly one reward source: .*\(got 2\)"),
+        (["schedule.prompts_per_step=3", "trainer.mini_batch_size=8"], r"= 12 must be divisible by trainer\.mini_batch_size = 8"),
+        (["trainer.policy.num_ranks=3"], r"must split evenly over trainer\.policy\.num_ranks = 3"),
+        (["algorithm.name=ppo", "model.critic=x", "trainer.critic.num_ranks=5"], r"trainer\.critic\.num_ranks = 5"),
+    ],
+)
+def test_cross_field_checks(tmp_path: Path, overrides: list[str], pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(write(tmp_path, GRPO), overrides)
+
+
+def test_offline_algorithms_need_no_reward(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "algorithm:\n  name: dpo\n"))
+    assert not cfg.algorithm.is_online
+
+
+def test_kl_placement_defaults() -> None:
+    assert load_config(None, ["algorithm.name=grpo", "algorithm.group_size=2", "reward.function=m:f"]).algorithm.kl_as_reward is False
+    assert load_config(None, ["algorithm.name=rloo", "algorithm.group_size=2", "reward.function=m:f"]).algorithm.kl_as_reward is True
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"job\.yaml, line 2: not valid YAML"):
+        load_config(write(tmp_path, "seed: 1\nmodel: policy: x\n"))
+
+
+@pytest.mark.parametrize("item", ["novalue", "=3"])
+def test_malformed_override(item: str) -> None:
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_override(item)
+
+
+def test_override_into_a_value_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="seed is a value, not a section"):
+        load_config(write(tmp_path, GRPO), ["seed.x=1"])
+
+
+def test_validate_prints_the_resolved_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(write(tmp_path, GRPO)), "--set", "schedule.steps=3"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["schedule"]["steps"] == 3
+    assert resolved["rollout"]["max_new_tokens"] == 64  # a default, filled in
+    assert JobConfig.model_validate(resolved).algorithm.name == "grpo"
+
+
+def test_validate_cli_exits_2_naming_the_unknown_key(tmp_path: Path) -> None:
+    path = write(tmp_path, GRPO + "rollout:\n  temprature: 0.7\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "rayrlhf.launch.cli", "validate", str(path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "rollout.temprature: unknown key (did you mean 'temperature'?)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_file_exits_2(tmp_path: Path) -> None:
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
