@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/rayrlhf validate cluster_configs/local-cpu/grpo.yaml
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check rayrlhf tests bench
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 clean:
