@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rayrlhf.errors import InvalidInput
+
 ONLINE_ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_pp")
 OFFLINE_ALGORITHMS = ("sft", "rm", "dpo")
 GROUP_ALGORITHMS = ("grpo", "rloo")
@@ -220,7 +222,7 @@ class JobConfig(Section):
 # ---------------------------------------------------------------------------------------------
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidInput):
     """Invalid configuration; the message names the key, file and line and is shown without traceback."""
 
 

@@ -79,3 +79,24 @@ def test_dtype_resolution_on_cpu() -> None:
     assert resolve_dtype("bfloat16") is torch.bfloat16
     if not torch.cuda.is_available():
         assert resolve_dtype("auto") is torch.float32
+
+
+def test_pack_batch_layout_and_logprobs_match_unpadded(tiny: Path) -> None:
+    from rayrlhf.models.forward import pack_batch, sequence_scores, token_logprobs
+
+    model = load_policy(tiny, dtype="float32").eval()
+    pad = load_tokenizer(tiny).pad_token_id
+    prompts, responses = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]]
+    batch = pack_batch(prompts, responses, pad)
+    assert batch["input_ids"].shape == (2, 6) and batch["mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    with torch.no_grad():
+        logp, entropy = token_logprobs(model, batch, with_entropy=True)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            logits = model(input_ids=torch.tensor([p + r])).logits[0].log_softmax(-1)
+            expected = torch.stack([logits[len(p) - 1 + t, tok] for t, tok in enumerate(r)])
+            torch.testing.assert_close(logp[i, : len(r)], expected, atol=1e-5, rtol=1e-5)
+        assert logp[0, 2] == 0 and entropy[0, 2] == 0 and (entropy[1] > 0).all()
+        rm = load_reward_model(tiny, dtype="float32").eval()
+        scores = sequence_scores(rm, batch)
+        alone = rm(input_ids=torch.tensor([prompts[0] + responses[0]])).logits[0, 0]
+    torch.testing.assert_close(scores[0], alone, atol=1e-5, rtol=1e-5)

@@ -11,15 +11,12 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from rayrlhf.config import ConfigError, load_config, to_yaml
+from rayrlhf.config import load_config, to_yaml
+from rayrlhf.errors import InvalidInput
 
 log = logging.getLogger("rayrlhf")
 
 EXIT_OK, EXIT_FAILURE, EXIT_INVALID = 0, 1, 2
-
-
-class InvalidInput(ValueError):
-    """Bad user input found after the config loaded (a data file, a reward function path)."""
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ConfigError, InvalidInput) as exc:
+    except InvalidInput as exc:
         sys.stderr.write(f"rayrlhf: {exc}\n")
         return EXIT_INVALID
     except KeyboardInterrupt:

@@ -1,0 +1,122 @@
+"""Frozen, forward-only servers that score rollouts: the reference policy and the reward.
+
+Both are thin Ray actors around functions in `rayrlhf.models.forward` and `rayrlhf.rewards`;
+they hold no optimizer and never change their weights.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import ray
+import torch
+
+from rayrlhf.models.forward import sequence_scores, token_logprobs
+from rayrlhf.models.loading import load_policy, load_reward_model
+
+log = logging.getLogger(__name__)
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _micro_batches(batch: dict[str, torch.Tensor], size: int):
+    rows = batch["input_ids"].shape[0]
+    for start in range(0, rows, size):
+        yield {k: v[start : start + size] for k, v in batch.items()}
+
+
+class ReferenceServer:
+    """The frozen reference policy π_ref: per-token log-probs of response tokens for the KL term."""
+
+    def __init__(
+        self, model_path: str, dtype: str = "auto", trust_remote_code: bool = False, micro_batch_size: int = 16,
+        temperature: float = 1.0,
+    ) -> None:
+        torch.set_grad_enabled(False)
+        self.device = _device()
+        self.model = load_policy(model_path, dtype, trust_remote_code).to(self.device).eval()
+        self.micro_batch_size = micro_batch_size
+        self.temperature = temperature
+
+    def ready(self) -> bool:
+        return True
+
+    def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log π_ref(y_t | x, y_<t) as [B, T] (0 on padding), computed in micro-batches."""
+        parts = []
+        for mb in _micro_batches(batch, self.micro_batch_size):
+            mb = {k: v.to(self.device) for k, v in mb.items()}
+            parts.append(token_logprobs(self.model, mb, self.temperature)[0].cpu())
+        return torch.cat(parts)
+
+
+class RewardServer:
+    """The reward: a sequence-classification model, a Python function, or a remote HTTP endpoint.
+
+    `score` returns one float per sample, or None for a sample that could not be scored.
+    """
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        function: str | None = None,
+        url: str | None = None,
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        timeout_s: float = 30.0,
+        max_retries: int = 2,
+        micro_batch_size: int = 16,
+    ) -> None:
+        if sum(x is not None for x in (model_path, function, url)) != 1:
+            raise ValueError("RewardServer needs exactly one of model_path, function, url")
+        torch.set_grad_enabled(False)
+        self.kind = "model" if model_path else "function" if function else "url"
+        self.timeout_s, self.max_retries, self.micro_batch_size = timeout_s, max_retries, micro_batch_size
+        self.url = url
+        self.fn = None
+        self.model = None
+        self.device = _device()
+        if model_path:
+            self.model = load_reward_model(model_path, dtype, trust_remote_code).to(self.device).eval()
+        elif function:
+            from rayrlhf.rewards.functions import load_reward_function
+
+            self.fn = load_reward_function(function)
+
+    def ready(self) -> bool:
+        return True
+
+    @property
+    def needs_tokens(self) -> bool:
+        return self.kind == "model"
+
+    def score(
+        self,
+        prompts: list[str],
+        responses: list[str],
+        columns: dict[str, list] | None = None,
+        batch: dict[str, torch.Tensor] | None = None,
+    ) -> list[float | None]:
+        """Scores for a batch of samples; `batch` (token tensors) is needed by a reward model only."""
+        columns = columns or {}
+        if self.kind == "model":
+            if batch is None:
+                raise ValueError("a reward model scores token batches: pass batch=")
+            parts = []
+            for mb in _micro_batches(batch, self.micro_batch_size):
+                mb = {k: v.to(self.device) for k, v in mb.items()}
+                parts.append(sequence_scores(self.model, mb).cpu())
+            return [float(x) for x in torch.cat(parts)]
+        if self.kind == "function":
+            from rayrlhf.rewards.functions import score_with_function
+
+            return score_with_function(self.fn, prompts, responses, columns, self.timeout_s)
+        from rayrlhf.rewards.remote import score_with_http
+
+        return score_with_http(self.url, prompts, responses, columns, self.timeout_s, self.max_retries)
+
+
+RemoteReferenceServer = ray.remote(ReferenceServer)
+RemoteRewardServer = ray.remote(RewardServer)

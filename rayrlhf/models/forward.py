@@ -1,0 +1,96 @@
+"""Batch layout and forward passes shared by trainers, the reference and the reward servers.
+
+Layout: each row is its prompt left-padded to P tokens followed by its response right-padded
+to T tokens, so `input_ids` is [B, P + T] and response token t sits at column P + t for every
+row. The log-prob of response token t therefore comes from the logits at column P + t - 1.
+This keeps every per-token quantity a dense [B, T] tensor with a right-padded `mask`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def pack_batch(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Pack token lists into `input_ids`, `attention_mask`, `position_ids` [B, P+T] and `mask` [B, T]."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    num_rows = len(prompts)
+    p_len = max((len(p) for p in prompts), default=0)
+    t_len = max(max((len(r) for r in responses), default=0), 1)
+    input_ids = torch.full((num_rows, p_len + t_len), pad_id, dtype=torch.long)
+    attention = torch.zeros((num_rows, p_len + t_len), dtype=torch.long)
+    mask = torch.zeros((num_rows, t_len), dtype=torch.float32)
+    for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        input_ids[i, p_len - len(prompt) : p_len] = torch.as_tensor(prompt, dtype=torch.long)
+        input_ids[i, p_len : p_len + len(response)] = torch.as_tensor(response, dtype=torch.long)
+        attention[i, p_len - len(prompt) : p_len + len(response)] = 1
+        mask[i, : len(response)] = 1.0
+    position_ids = (attention.cumsum(dim=1) - 1).clamp_min(0)
+    return {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids, "mask": mask}
+
+
+def response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """Logits [B, T, V] that predict each response token (column P + t - 1), divided by the temperature."""
+    t_len = batch["mask"].shape[1]
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+        use_cache=False,
+    )
+    logits = out.logits[:, -t_len - 1 : -1, :].float()
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def token_logprobs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs [B, T] of the response tokens (0 on padding), and optionally the entropy [B, T]."""
+    logits = response_logits(model, batch, temperature)
+    t_len = batch["mask"].shape[1]
+    targets = batch["input_ids"][:, -t_len:]
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * batch["mask"]
+    entropy = None
+    if with_entropy:
+        entropy = -(logp_all.exp() * logp_all).sum(-1) * batch["mask"]
+    return logp, entropy
+
+
+def token_values(critic: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Critic values [B, T]: V at the state before each response token (0 on padding)."""
+    t_len = batch["mask"].shape[1]
+    out = critic(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+    )
+    return out.logits[:, -t_len - 1 : -1, 0].float() * batch["mask"]
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Column of each row's last attended token (the last response token in our layout)."""
+    cols = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (cols * attention_mask).argmax(dim=1)
+
+
+def sequence_scores(reward_model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Scores [B] of a one-label sequence classifier, read at each row's last attended token.
+
+    Models with a `score` head (Llama, Qwen, Mistral families) are read at that exact column,
+    independent of how the model pools (HF pools at the last non-pad *id*, which is wrong when
+    the pad token doubles as EOS). Other classifiers fall back to their own pooled output.
+    """
+    kwargs = {
+        "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "position_ids": batch["position_ids"],
+    }
+    head = getattr(reward_model, "score", None)
+    base = getattr(reward_model, getattr(reward_model, "base_model_prefix", ""), None)
+    if isinstance(head, torch.nn.Module) and isinstance(base, torch.nn.Module):
+        hidden = base(**kwargs).last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        last = hidden[rows, last_token_index(batch["attention_mask"])]
+        return head(last)[:, 0].float()
+    return reward_model(**kwargs).logits[:, 0].float()
