@@ -1,0 +1,167 @@
+"""Reward sources: user functions (with failures isolated per sample), HTTP endpoints, the reward actor."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from rayrlhf.errors import InvalidInput
+from rayrlhf.rewards.functions import load_reward_function, score_with_function
+from rayrlhf.rewards.remote import score_with_http
+from rayrlhf.rewards.tasks import sort_reward, sort_score
+
+FLAKY = '''
+def reward(prompts, responses, answer, **_):
+    out = []
+    for r, a in zip(responses, answer):
+        if r == "boom":
+            raise RuntimeError("cannot score this one")
+        out.append(None if r == "skip" else float(r == a))
+    return out
+'''
+
+
+@pytest.fixture
+def flaky_file(tmp_path: Path) -> Path:
+    path = tmp_path / "my_reward.py"
+    path.write_text(FLAKY)
+    return path
+
+
+def test_sort_task_reward() -> None:
+    assert sort_score("abc", "abc") == 1.0
+    assert sort_score(" abc\n", "abc") == 1.0
+    assert sort_score("abx", "abc") == pytest.approx(0.5 * 2 / 3)
+    assert sort_score("", "abc") < 0 < sort_score("a", "abc") < sort_score("ab", "abc")
+    assert sort_reward(["sort: cba", "sort: ba"], ["abc", "ba"], answer=["abc", "ab"]) == [1.0, 0.0]
+
+
+def test_load_from_file_and_module(flaky_file: Path) -> None:
+    fn = load_reward_function(f"{flaky_file}:reward")
+    assert fn(["p"], ["x"], answer=["x"]) == [1.0]
+    assert load_reward_function("rayrlhf.rewards.tasks:sort_reward") is sort_reward
+
+
+@pytest.mark.parametrize(
+    ("spec", "pattern"),
+    [
+        ("no_colon", "expected 'path/to/file.py:fn'"),
+        ("missing.py:fn", "does not exist"),
+        ("rayrlhf.rewards.tasks:nope", "has no function 'nope'"),
+        ("not_a_module_xyz:fn", "cannot import module"),
+    ],
+)
+def test_bad_specs_name_the_problem(spec: str, pattern: str) -> None:
+    with pytest.raises(InvalidInput, match=pattern):
+        load_reward_function(spec)
+
+
+def test_failures_are_isolated_per_sample(flaky_file: Path) -> None:
+    fn = load_reward_function(f"{flaky_file}:reward")
+    responses = ["a", "boom", "c", "skip", "nan"]
+    scores = score_with_function(fn, ["p"] * 5, responses, {"answer": ["a", "b", "x", "d", "nan"]})
+    assert scores == [1.0, None, 0.0, None, 1.0]
+
+
+def test_non_finite_and_non_numeric_scores_become_none() -> None:
+    def fn(prompts, responses, **_):
+        return [float("nan"), "oops", 2, float("inf")]
+
+    assert score_with_function(fn, ["p"] * 4, ["r"] * 4, {}) == [None, None, 2.0, None]
+
+
+def test_timeout_marks_samples_unscored() -> None:
+    def slow(prompts, responses, **_):
+        if responses[0] == "slow":
+            time.sleep(2)
+        return [1.0] * len(prompts)
+
+    start = time.monotonic()
+    assert score_with_function(slow, ["p", "p"], ["slow", "fast"], {}, timeout_s=0.2) == [None, 1.0]
+    assert time.monotonic() - start < 1.5
+
+
+@pytest.fixture
+def reward_endpoint() -> Iterator[tuple[str, dict]]:
+    """A local HTTP reward server that fails its first request (to exercise retries)."""
+    state = {"calls": 0}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server API
+            state["calls"] += 1
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if state["calls"] == 1:
+                self.send_response(503)
+                self.end_headers()
+                return
+            rewards = [float(len(r)) for r in body["responses"]]
+            payload = json.dumps({"rewards": rewards}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/score", state
+    finally:
+        server.shutdown()
+
+
+def test_http_reward_retries_then_succeeds(reward_endpoint: tuple[str, dict]) -> None:
+    url, state = reward_endpoint
+    assert score_with_http(url, ["p", "q"], ["ab", "abcd"], {}, timeout_s=2, max_retries=2, backoff_s=0.01) == [2.0, 4.0]
+    assert state["calls"] == 2
+
+
+def test_http_reward_gives_up_after_bounded_retries() -> None:
+    start = time.monotonic()
+    scores = score_with_http("http://127.0.0.1:9/none", ["p"], ["r"], {}, timeout_s=0.5, max_retries=2, backoff_s=0.01)
+    assert scores == [None]
+    assert time.monotonic() - start < 5
+
+
+def test_reward_actor_counts_failures_without_crashing(ray_local: None, flaky_file: Path) -> None:
+    import ray
+
+    from rayrlhf.actors.scorers import RemoteRewardServer
+
+    server = RemoteRewardServer.options(num_cpus=0).remote(function=f"{flaky_file}:reward")
+    scores = ray.get(server.score.remote(["p"] * 4, ["a", "boom", "b", "boom"], {"answer": ["a", "a", "b", "b"]}))
+    assert scores == [1.0, None, 1.0, None]
+    assert sum(s is None for s in scores) == 2
+    # The actor is still alive and scoring after the failures.
+    assert ray.get(server.score.remote(["p"], ["z"], {"answer": ["z"]})) == [1.0]
+    ray.kill(server)
+
+
+def test_reward_model_server_scores_token_batches(ray_local: None, tiny_model: Path, tmp_path: Path) -> None:
+    import ray
+    import torch
+
+    from rayrlhf.actors.scorers import RemoteRewardServer
+    from rayrlhf.models.forward import pack_batch, sequence_scores
+    from rayrlhf.models.loading import load_reward_model, load_tokenizer
+
+    rm_dir = tmp_path / "rm"  # a saved reward model, so the server and this test share its head
+    load_reward_model(tiny_model, dtype="float32").save_pretrained(rm_dir)
+    load_tokenizer(tiny_model).save_pretrained(rm_dir)
+    batch = pack_batch([[5, 6, 7], [8, 9]], [[10, 11], [12]], pad_id=0)
+    server = RemoteRewardServer.options(num_cpus=0).remote(model_path=str(rm_dir), dtype="float32")
+    scores = ray.get(server.score.remote(["", ""], ["", ""], batch=batch))
+    with torch.no_grad():
+        expected = sequence_scores(load_reward_model(rm_dir, dtype="float32").eval(), batch)
+    assert scores == pytest.approx(expected.tolist(), abs=1e-5)
+    ray.kill(server)
