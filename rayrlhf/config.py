@@ -140,6 +140,15 @@ class TrainerConfig(Section):
     critic: RoleConfig = Field(default_factory=lambda: RoleConfig(lr=5e-6), description="The critic trainer group (ppo only).")
 
 
+class ServersConfig(Section):
+    reference_num_cpus: float = Field(0.5, ge=0, description="CPUs reserved by the frozen reference server.")
+    reference_num_gpus: float = Field(0.0, ge=0, description="GPUs reserved by the frozen reference server.")
+    reward_num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per reward server.")
+    reward_num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per reward server (a reward model on GPU).")
+    micro_batch_size: int = Field(16, ge=1, description="Rows per forward pass in the reference and reward servers.")
+    weight_sync_bucket_mb: int = Field(256, ge=1, description="Size of the buckets the weights travel in during a sync, MiB.")
+
+
 class ScheduleConfig(Section):
     steps: int = Field(10, ge=1, description="Training steps (online RL: rollout + update; offline: optimizer steps).")
     prompts_per_step: int = Field(8, ge=1, description="Prompts per step; each is sampled algorithm.group_size times.")
@@ -169,6 +178,7 @@ class JobConfig(Section):
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="Algorithm and its hyper-parameters.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers.")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="DeepSpeed trainer groups.")
+    servers: ServersConfig = Field(default_factory=ServersConfig, description="Reference and reward servers; weight sync.")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Steps and batch sizes.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray connection.")

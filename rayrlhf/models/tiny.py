@@ -79,3 +79,13 @@ def build_tiny_model(
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+def resolve_model_path(name: str, cache_dir: str | Path, seed: int = 0) -> str:
+    """'tiny' builds (once) the local tiny model under `cache_dir`; anything else is a directory or hub id."""
+    if name != "tiny":
+        return name
+    target = Path(cache_dir) / "tiny-model"
+    if not (target / "config.json").is_file():
+        build_tiny_model(target, seed=seed)
+    return str(target)

@@ -1,0 +1,91 @@
+"""Atomic, complete checkpoints: `checkpoints/step_N/` and `checkpoints/latest`.
+
+A checkpoint is written into a temporary folder, renamed into place when complete, and only
+then does `latest` (a one-line file naming the folder) move to it. A crash at any point
+leaves the previous checkpoint intact and `latest` pointing at a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "orchestrator.json"
+RNG_FILE = "rng.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    """The driver's random states (Python, NumPy, torch) — all the orchestrator itself draws from."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(
+    root: Path, step: int, state: dict[str, Any], save_trainers: Callable[[Path], None], keep_last: int
+) -> Path:
+    """Write step `step`: trainers (via `save_trainers(folder)`), orchestrator state and RNG, atomically."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step}"
+    tmp = root / f".tmp-step_{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_trainers(tmp)
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    torch.save(rng_state(), tmp / RNG_FILE)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = root / ".latest.tmp"
+    latest_tmp.write_text(final.name + "\n")
+    os.replace(latest_tmp, root / "latest")
+    _prune(root, keep_last)
+    log.info("checkpoint saved: %s", final)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The folder `latest` names, or None when there is no complete checkpoint."""
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    folder = root / pointer.read_text().strip()
+    return folder if (folder / STATE_FILE).is_file() else None
+
+
+def load_state(folder: Path) -> dict[str, Any]:
+    """The orchestrator state of a checkpoint; restores the driver's RNG (loaded with weights_only=True)."""
+    state = json.loads((folder / STATE_FILE).read_text())
+    set_rng_state(torch.load(folder / RNG_FILE, weights_only=True))
+    return state
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    steps = sorted(
+        (p for p in root.glob("step_*") if p.is_dir() and p.name.removeprefix("step_").isdigit()),
+        key=lambda p: int(p.name.removeprefix("step_")),
+    )
+    for old in steps[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
