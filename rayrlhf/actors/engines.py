@@ -1,0 +1,448 @@
+"""Generation engines behind one interface: vLLM (continuous batching) and transformers `generate`.
+
+A rollout worker drives an engine with `add` / `step` and moves weights into it in buckets
+named by their Hugging Face names. Both engines report the sampled token's log-prob under
+the trainer's convention, log_softmax(logits / temperature), and fingerprint their weights
+under the trainer's names so a weight sync can be verified byte for byte.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rayrlhf.actors.types import Completion, GenerationRequest, SamplingSpec
+from rayrlhf.actors.weights import Bucket, from_numpy, tensor_checksum
+
+log = logging.getLogger(__name__)
+
+_PROBE_ROWS = 1024  # identity rows per matmul when reading back a repacked CPU weight
+
+
+class Engine(Protocol):
+    """What a rollout worker needs from a generation backend (not thread-safe: callers serialise)."""
+
+    def add(self, request: GenerationRequest) -> None: ...
+    def step(self) -> list[Completion]: ...
+    def has_unfinished(self) -> bool: ...
+    def num_unfinished(self) -> int: ...
+    def begin_weight_update(self) -> None: ...
+    def load_weights(self, bucket: Bucket) -> None: ...
+    def finish_weight_update(self) -> None: ...
+    def checksums(self) -> dict[str, str]: ...
+
+
+def _bucket_tensors(bucket: Bucket, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Zero-copy tensors of a bucket; int16 arrays carry bfloat16 bits for a bfloat16 model (weights.to_numpy)."""
+    for name, array in bucket:
+        bf16 = dtype == torch.bfloat16 and array.dtype == np.int16
+        yield name, from_numpy(array, torch.bfloat16 if bf16 else torch.float32)  # non-bf16 target: no reinterpretation
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM
+# ---------------------------------------------------------------------------------------------
+# The functions below run inside vLLM's worker through `collective_rpc(fn, args=...)`. With
+# VLLM_ENABLE_V1_MULTIPROCESSING=0 and one worker they run in this process and the buckets pass
+# by reference; with separate worker processes (tensor parallelism, multiprocessing mode)
+# vLLM pickles the function and its arguments, so the same code path works, at the cost of
+# one serialisation of every bucket per worker. They are module-level so that they pickle.
+
+
+def _rpc_begin_reload(worker: Any) -> None:
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+    with set_current_vllm_config(worker.vllm_config):
+        initialize_layerwise_reload(worker.get_model())
+
+
+def _rpc_load_bucket(worker: Any, bucket: Bucket) -> int:
+    from vllm.config import set_current_vllm_config
+
+    with set_current_vllm_config(worker.vllm_config):
+        model = worker.get_model()
+        loaded = model.load_weights(_bucket_tensors(bucket, worker.vllm_config.model_config.dtype))
+    return len(loaded or ())
+
+
+def _rpc_finish_reload(worker: Any) -> None:
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+    with set_current_vllm_config(worker.vllm_config):
+        finalize_layerwise_reload(worker.get_model(), worker.vllm_config.model_config)
+
+
+def _rpc_checksums(worker: Any) -> dict[str, str]:
+    model = worker.get_model()
+    dtype = worker.vllm_config.model_config.dtype
+    return {name: tensor_checksum(t) for name, t in hf_named_tensors(model, dtype)}
+
+
+def _dense_weight(module: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """The [out, in] weight a linear layer computes with.
+
+    On CPU, vLLM repacks unquantized linear weights into oneDNN / sgl-kernel layouts after
+    loading and leaves an empty `weight` behind (`dispatch_cpu_unquantized_gemm`); the packed
+    copy is opaque. Feeding the layer's own kernel an identity matrix returns Wᵀ exactly (each
+    output is one weight times 1 plus zeros), so the fingerprint covers what the kernel really
+    uses. Caveat: a weight of -0.0 reads back as +0.0, and inf/nan poison their column.
+    """
+    if weight.numel() or not hasattr(module, "cpu_linear"):
+        return weight
+    in_features = getattr(module, "input_size_per_partition", None)
+    if in_features is None:
+        raise RuntimeError(f"cannot read back the repacked weight of {type(module).__name__}")
+    dtype = weight.dtype
+    cols = []
+    with torch.no_grad():
+        for start in range(0, in_features, _PROBE_ROWS):
+            rows = min(_PROBE_ROWS, in_features - start)
+            eye = torch.zeros(rows, in_features, dtype=dtype)
+            eye[:, start : start + rows] = torch.eye(rows, dtype=dtype)
+            cols.append(module.cpu_linear(eye, weight, None))
+    return torch.cat(cols).t().contiguous()
+
+
+def hf_named_tensors(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, tensor) for every weight of a vLLM model (tensor parallel size 1).
+
+    Undoes vLLM's layout: fused projections listed in the model's `packed_modules_mapping`
+    (qkv_proj -> q/k/v_proj, gate_up_proj -> gate/up_proj) are split by the layer's
+    `output_sizes`; padded vocabulary rows are cut to `org_vocab_size`; CPU-repacked weights
+    are read back through their kernel. Every produced name is checked against the model's
+    own HF -> vLLM name mapper, so an unsupported naming scheme fails loudly.
+    """
+    packed: dict[str, list[str]] = dict(getattr(model, "packed_modules_mapping", None) or {})
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    for vllm_name, param in model.named_parameters(remove_duplicate=False):
+        module_name, _, attr = vllm_name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if getattr(module, "tp_size", 1) != 1:
+            raise NotImplementedError("weight checksums need tensor_parallel_size == 1")
+        tensor = param.detach()
+        if attr == "weight":
+            tensor = _dense_weight(module, tensor)
+        org_vocab = getattr(module, "org_vocab_size", None)
+        if org_vocab is not None and tensor.dim() >= 1 and tensor.shape[0] > org_vocab:
+            tensor = tensor[:org_vocab]
+        if tensor.dtype != dtype:  # e.g. biases kept in fp32 by the CPU sgl-kernel path
+            tensor = tensor.to(dtype)
+        leaf = module_name.rpartition(".")[2]
+        sizes = getattr(module, "output_sizes", None)
+        if leaf in packed:
+            parts = packed[leaf]
+            if sizes is None or len(sizes) != len(parts) or sum(sizes) != tensor.shape[0]:
+                raise NotImplementedError(
+                    f"{vllm_name}: fused layout {leaf}={parts} does not match output sizes {sizes} "
+                    f"of shape {tuple(tensor.shape)}"
+                )
+            prefix = module_name[: len(module_name) - len(leaf)]
+            pieces = [(f"{prefix}{part}.{attr}", chunk) for part, chunk in zip(parts, tensor.split(list(sizes)), strict=True)]
+        elif sizes is not None and len(sizes) > 1:
+            raise NotImplementedError(f"{vllm_name}: fused layer with output sizes {sizes} and no packed_modules_mapping entry")
+        else:
+            pieces = [(vllm_name, tensor)]
+        for hf_name, chunk in pieces:
+            if mapper is not None and mapper.map_name(hf_name) not in (vllm_name, None):
+                raise NotImplementedError(f"cannot map vLLM weight {vllm_name} back to a Hugging Face name (tried {hf_name})")
+            yield hf_name, chunk
+
+
+class VLLMEngine:
+    """vLLM's `LLMEngine` (v1), run in this process, one engine request per sample.
+
+    Log-probs: the engine is created with logprobs_mode="processed_logprobs", so the returned
+    log-prob is log_softmax over the logits after temperature scaling and top-k/top-p masking,
+    which equals the trainer's log_softmax(logits / T) whenever top_k and top_p are off (the
+    RL default). With top-k/top-p on, it is renormalised over the kept tokens and so is at
+    least the trainer's value (the two disagree by the log of the kept probability mass).
+    At temperature 0 it is log_softmax(logits) (greedy, no scaling).
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        dtype: str = "auto",
+        seed: int = 0,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.2,
+        tensor_parallel_size: int = 1,
+        enforce_eager: bool = True,
+        trust_remote_code: bool = False,
+    ) -> None:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process
+        try:
+            from vllm import EngineArgs
+            from vllm.v1.engine.llm_engine import LLMEngine
+        except ImportError as exc:
+            raise RuntimeError(
+                f"rollout.backend=vllm needs vLLM, which cannot be imported here ({exc}); "
+                "install the [cpu] or [gpu] extra, or set rollout.backend=hf"
+            ) from exc
+        from rayrlhf.models.loading import resolve_dtype
+
+        self.dtype = resolve_dtype(dtype)
+        args = EngineArgs(
+            model=str(model_path),
+            dtype=str(self.dtype).removeprefix("torch."),
+            seed=seed,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            enforce_eager=enforce_eager,
+            trust_remote_code=trust_remote_code,
+            logprobs_mode="processed_logprobs",
+            disable_log_stats=True,
+        )
+        self._engine = LLMEngine.from_engine_args(args)
+        self._tensor_parallel_size = tensor_parallel_size
+        self._requests: dict[str, tuple[GenerationRequest, int]] = {}
+        self._updating = False
+
+    def _sampling_params(self, spec: SamplingSpec, index: int) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            top_k=max(spec.top_k, 0),
+            max_tokens=spec.max_new_tokens,
+            stop_token_ids=list(spec.stop_token_ids),
+            seed=None if spec.seed is None else spec.seed + index,
+            logprobs=0,  # only the sampled token's log-prob
+            detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,  # step() returns finished requests only
+        )
+
+    def _prompt(self, prompt_ids: list[int]) -> Any:
+        """Token ids as an engine input (vLLM 0.32 deprecates raw prompt dicts in favour of the renderer)."""
+        prompt = {"prompt_token_ids": list(prompt_ids)}
+        renderer = getattr(self._engine, "renderer", None)
+        return renderer.render_cmpl([prompt])[0] if hasattr(renderer, "render_cmpl") else prompt
+
+    def add(self, request: GenerationRequest) -> None:
+        """Queue `request`; n samples become n engine requests so each finishes on its own."""
+        for i in range(request.sampling.n):
+            engine_id = f"{request.request_id}#{i}"
+            if engine_id in self._requests:
+                raise ValueError(f"request id {request.request_id!r} is already in flight")
+            self._engine.add_request(engine_id, self._prompt(request.prompt_ids), self._sampling_params(request.sampling, i))
+            self._requests[engine_id] = (request, i)
+
+    def step(self) -> list[Completion]:
+        """One engine iteration; returns the samples that finished in it."""
+        done = []
+        for out in self._engine.step():
+            if not out.finished:
+                continue
+            request, index = self._requests.pop(out.request_id)
+            sample = out.outputs[0]
+            ids = list(sample.token_ids)
+            logprobs = [float(step_lp[tok].logprob) for tok, step_lp in zip(ids, sample.logprobs or [], strict=True)]
+            done.append(
+                Completion(
+                    request_id=request.request_id,
+                    sample_index=index,
+                    prompt_ids=list(request.prompt_ids),
+                    response_ids=ids,
+                    logprobs=logprobs,
+                    finish_reason="length" if sample.finish_reason == "length" else "stop",
+                    weight_version=-1,  # stamped by the worker
+                )
+            )
+        return done
+
+    def has_unfinished(self) -> bool:
+        return self._engine.has_unfinished_requests()
+
+    def num_unfinished(self) -> int:
+        return self._engine.get_num_unfinished_requests()
+
+    def begin_weight_update(self) -> None:
+        """Swap every layer for a loader that buffers incoming weights until the layer is complete."""
+        self._engine.collective_rpc(_rpc_begin_reload)
+        self._updating = True
+
+    def load_weights(self, bucket: Bucket) -> None:
+        """Load one bucket by HF names; a layer is repacked once all its weights have arrived."""
+        if not self._updating:
+            raise RuntimeError("load_weights called outside begin_weight_update / finish_weight_update")
+        self._engine.collective_rpc(_rpc_load_bucket, args=(bucket,))
+
+    def finish_weight_update(self) -> None:
+        """Process the remaining layers and drop the KV cache computed with the old weights.
+
+        Requests still running are preempted and recomputed with the new weights; the tokens
+        they had already sampled keep their old-weight log-probs.
+        """
+        self._engine.collective_rpc(_rpc_finish_reload)
+        self._updating = False
+        self._engine.reset_prefix_cache(reset_running_requests=True)
+
+    def checksums(self) -> dict[str, str]:
+        """tensor_checksum per HF parameter name, over the weights the engine computes with."""
+        if self._tensor_parallel_size != 1:
+            raise NotImplementedError("weight checksums need tensor_parallel_size == 1")
+        return self._engine.collective_rpc(_rpc_checksums)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers generate
+# ---------------------------------------------------------------------------------------------
+
+
+class HFEngine:
+    """transformers `generate`, for machines without vLLM and for very small models.
+
+    Each step runs one batch: the oldest pending request's sampling settings and every pending
+    sample that shares them (left-padded). Seeds are per batch, not per sample: a batch is
+    seeded with its seed (batches are split by seed), so a seeded sample is reproducible only
+    when it is batched with the same requests again.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        dtype: str = "auto",
+        seed: int = 0,
+        trust_remote_code: bool = False,
+        device: str = "cpu",
+        max_batch_size: int = 64,
+    ) -> None:
+        from rayrlhf.models.loading import load_policy, load_tokenizer
+
+        torch.manual_seed(seed)
+        self.device = torch.device(device)
+        self.model = load_policy(model_path, dtype, trust_remote_code).to(self.device).eval()
+        self.dtype = next(self.model.parameters()).dtype
+        tok = load_tokenizer(model_path, trust_remote_code)
+        self.pad_id = int(tok.pad_token_id)
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
+        if tok.eos_token_id is not None:
+            eos_ids.add(int(tok.eos_token_id))
+        self.eos_ids = frozenset(eos_ids)
+        self.max_batch_size = max_batch_size
+        self._pending: list[tuple[GenerationRequest, int]] = []
+        self._loaded: set[str] = set()
+
+    def add(self, request: GenerationRequest) -> None:
+        self._pending.extend((request, i) for i in range(request.sampling.n))
+
+    @staticmethod
+    def _batch_key(spec: SamplingSpec) -> tuple:
+        return (spec.temperature, spec.top_p, spec.top_k, spec.max_new_tokens, spec.stop_token_ids, spec.seed)
+
+    def _generation_config(self, spec: SamplingSpec, stop_ids: set[int]) -> Any:
+        from transformers import GenerationConfig
+
+        # Every knob explicit: unset ones fall back to the checkpoint's or library defaults (top_k=50).
+        # Greedy (temperature 0) leaves the warpers unset: generate ignores them without sampling.
+        warpers = {"do_sample": False}
+        if spec.temperature > 0:
+            warpers = {"do_sample": True, "temperature": spec.temperature, "top_p": spec.top_p, "top_k": max(spec.top_k, 0)}
+        return GenerationConfig(
+            **warpers, min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1,
+            max_new_tokens=spec.max_new_tokens, min_new_tokens=0, eos_token_id=sorted(stop_ids),
+            pad_token_id=self.pad_id, return_dict_in_generate=True, output_scores=True,
+        )
+
+    @torch.no_grad()
+    def step(self) -> list[Completion]:
+        """Generate one batch of pending samples; returns all of them (finished)."""
+        if not self._pending:
+            return []
+        key = self._batch_key(self._pending[0][0].sampling)
+        batch = [item for item in self._pending if self._batch_key(item[0].sampling) == key][: self.max_batch_size]
+        chosen = {id(item) for item in batch}
+        self._pending = [item for item in self._pending if id(item) not in chosen]
+        spec = batch[0][0].sampling
+        stop_ids = set(self.eos_ids) | set(spec.stop_token_ids)
+
+        p_len = max(len(req.prompt_ids) for req, _ in batch)
+        input_ids = torch.full((len(batch), p_len), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), p_len), dtype=torch.long)
+        for row, (req, _) in enumerate(batch):
+            input_ids[row, p_len - len(req.prompt_ids) :] = torch.as_tensor(req.prompt_ids, dtype=torch.long)
+            attention[row, p_len - len(req.prompt_ids) :] = 1
+        if spec.seed is not None:
+            torch.manual_seed(spec.seed)
+        out = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention.to(self.device),
+            generation_config=self._generation_config(spec, stop_ids),
+        )
+        tokens = out.sequences[:, p_len:].cpu()
+        # `scores` are the processed logits: temperature applied, top-k/top-p masked, as in vLLM's
+        # processed_logprobs; log_softmax(logits / T) when top-k/top-p are off.
+        scores = torch.stack(out.scores, dim=1).float()
+        logprobs = F.log_softmax(scores, dim=-1).gather(-1, tokens.to(scores.device).unsqueeze(-1)).squeeze(-1).cpu()
+
+        done = []
+        for row, (req, index) in enumerate(batch):
+            ids = tokens[row].tolist()
+            stop_at = next((t for t, tok in enumerate(ids) if tok in stop_ids), None)
+            length = len(ids) if stop_at is None else stop_at + 1  # the stop token is kept, as vLLM does
+            done.append(
+                Completion(
+                    request_id=req.request_id,
+                    sample_index=index,
+                    prompt_ids=list(req.prompt_ids),
+                    response_ids=ids[:length],
+                    logprobs=logprobs[row, :length].tolist(),
+                    finish_reason="length" if stop_at is None else "stop",
+                    weight_version=-1,
+                )
+            )
+        return done
+
+    def has_unfinished(self) -> bool:
+        return bool(self._pending)
+
+    def num_unfinished(self) -> int:
+        return len(self._pending)
+
+    def begin_weight_update(self) -> None:
+        self._loaded = set()
+
+    @torch.no_grad()
+    def load_weights(self, bucket: Bucket) -> None:
+        """Copy each named tensor into the model's state in place (tied weights share storage)."""
+        state = self.model.state_dict()
+        for name, tensor in _bucket_tensors(bucket, self.dtype):
+            if name not in state:
+                raise KeyError(f"load_weights: the model has no weight named {name!r}")
+            if state[name].shape != tensor.shape:
+                raise ValueError(f"load_weights: {name} has shape {tuple(tensor.shape)}, the model {tuple(state[name].shape)}")
+            state[name].copy_(tensor)
+            self._loaded.add(name)
+
+    def finish_weight_update(self) -> None:
+        missing = set(self.model.state_dict()) - self._loaded
+        if missing:
+            log.warning("weight update left %d tensors unchanged, e.g. %s", len(missing), sorted(missing)[:3])
+
+    def checksums(self) -> dict[str, str]:
+        return {name: tensor_checksum(t) for name, t in self.model.state_dict().items()}
+
+
+def make_engine(backend: str, **kwargs: Any) -> Engine:
+    """Build the engine named by `rollout.backend`; kwargs are the engine's constructor arguments."""
+    if backend == "vllm":
+        return VLLMEngine(**kwargs)
+    if backend == "hf":
+        return HFEngine(**kwargs)
+    raise ValueError(f"rollout.backend must be 'vllm' or 'hf', got {backend!r}")
+
+
+__all__ = ["Engine", "HFEngine", "VLLMEngine", "hf_named_tensors", "make_engine"]

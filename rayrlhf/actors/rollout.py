@@ -1,0 +1,274 @@
+"""Rollout workers: Ray actors that each host one generation engine and stream completions.
+
+A worker is a threaded actor. One background thread owns the engine and runs its loop
+(take new requests, add them, step, hand finished completions to the call that asked for
+them), so a `generate` call streams each completion the moment it finishes while other calls
+(`load`, the weight sync, `checksums`) are served from other threads. Engine work is
+serialised by one lock: a weight update or a checksum never interleaves with a step, and
+between `begin_weight_update` and `finish_weight_update` the loop does not step at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.actor import ActorHandle
+
+from rayrlhf.actors.engines import Engine, make_engine
+from rayrlhf.actors.types import Completion, GenerationRequest
+from rayrlhf.actors.weights import Bucket
+from rayrlhf.config import DataConfig, ModelConfig, RolloutConfig
+
+log = logging.getLogger(__name__)
+
+# Streaming generate calls each hold a thread until their last sample is out; they get their own
+# concurrency group so that control calls (load, weight sync, checksums) never wait behind them.
+GENERATE_CONCURRENCY = 64
+CONTROL_CONCURRENCY = 16
+
+
+class _Route:
+    """Where the completions of one request go, and how many are still due."""
+
+    __slots__ = ("sink", "remaining")
+
+    def __init__(self, sink: queue.Queue, remaining: int) -> None:
+        self.sink = sink
+        self.remaining = remaining
+
+
+@ray.remote(max_concurrency=CONTROL_CONCURRENCY, concurrency_groups={"generate": GENERATE_CONCURRENCY})
+class RolloutWorker:
+    """One generation engine behind a streaming, versioned, thread-safe actor interface."""
+
+    def __init__(self, name: str, backend: str, engine_kwargs: dict[str, Any]) -> None:
+        started = time.perf_counter()
+        self._name = name
+        self._backend = backend
+        self._engine: Engine = make_engine(backend, **engine_kwargs)
+        self._engine_lock = threading.Lock()  # held for every engine call
+        self._cond = threading.Condition()  # guards the fields below; wakes the loop
+        self._inbox: list[GenerationRequest] = []
+        self._routes: dict[str, _Route] = {}
+        self._outstanding = 0
+        self._busy = False  # the engine holds unfinished requests
+        self._updating = False
+        self._failed: BaseException | None = None
+        self._version = 0
+        self._thread = threading.Thread(target=self._loop, name=f"{name}-engine", daemon=True)
+        self._thread.start()
+        log.info("%s: %s engine started in %.1f s", name, backend, time.perf_counter() - started)
+
+    # ----- engine loop ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while self._updating or not (self._inbox or self._busy):
+                    self._cond.wait()
+                inbox, self._inbox = self._inbox, []
+            finished: list[Completion] = []
+            with self._engine_lock:
+                if self._updating:  # an update began after we woke: put the requests back
+                    with self._cond:
+                        self._inbox[:0] = inbox
+                    continue
+                for request in inbox:
+                    try:
+                        self._engine.add(request)
+                    except Exception as exc:  # bad request: fail its call, keep serving others
+                        self._reject(request, exc)
+                try:
+                    if self._engine.has_unfinished():
+                        finished = self._engine.step()
+                    busy = self._engine.has_unfinished()
+                except BaseException as exc:
+                    log.exception("%s: engine step failed", self._name)
+                    self._fail_all(exc)
+                    return
+                version = self._version
+            with self._cond:
+                self._busy = busy
+                for completion in finished:
+                    completion.weight_version = version
+                    completion.worker = self._name
+                    self._deliver(completion)
+
+    def _deliver(self, completion: Completion) -> None:
+        """Hand a completion to its caller (called with self._cond held)."""
+        route = self._routes.get(completion.request_id)
+        if route is None:  # its request was rejected; the call already failed
+            return
+        route.sink.put(completion)
+        route.remaining -= 1
+        self._outstanding -= 1
+        if route.remaining == 0:
+            del self._routes[completion.request_id]
+
+    def _reject(self, request: GenerationRequest, exc: Exception) -> None:
+        with self._cond:
+            route = self._routes.pop(request.request_id, None)
+            if route is not None:
+                self._outstanding -= route.remaining
+                route.sink.put(ValueError(f"request {request.request_id!r} rejected by the engine: {exc}"))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._cond:
+            self._failed = exc
+            for route in self._routes.values():
+                route.sink.put(RuntimeError(f"{self._name}: the engine failed: {exc!r}"))
+            self._routes.clear()
+            self._outstanding = 0
+
+    # ----- generation ---------------------------------------------------------------------------
+
+    @ray.method(concurrency_group="generate")
+    def generate(self, requests: list[GenerationRequest]) -> Iterator[Completion]:
+        """Yield every sample of `requests` as soon as it finishes (call with num_returns="streaming").
+
+        Completions carry the weight version the engine held when they finished and this
+        worker's name. A request rejected by the engine (e.g. a prompt longer than the
+        context) fails the call with ValueError.
+        """
+        sink: queue.Queue = queue.Queue()
+        with self._cond:
+            if self._failed is not None:
+                raise RuntimeError(f"{self._name}: the engine failed earlier: {self._failed!r}")
+            ids = [r.request_id for r in requests]
+            clash = sorted({i for i in ids if i in self._routes or ids.count(i) > 1})
+            if clash:
+                raise ValueError(f"{self._name}: request ids already in flight or repeated: {clash[:5]}")
+            for request in requests:
+                self._routes[request.request_id] = _Route(sink, request.sampling.n)
+                self._outstanding += request.sampling.n
+            self._inbox.extend(requests)
+            self._cond.notify_all()
+        due = sum(r.sampling.n for r in requests)
+        while due:
+            item = sink.get()
+            if isinstance(item, BaseException):
+                raise item
+            due -= 1
+            yield item
+
+    def load(self) -> int:
+        """Samples submitted and not yet returned: the dispatcher's measure of how busy this worker is."""
+        with self._cond:
+            return self._outstanding
+
+    def weight_version(self) -> int:
+        return self._version
+
+    def ready(self) -> bool:
+        """True once the engine is up (the constructor built it); raises if the engine has failed."""
+        if self._failed is not None:
+            raise RuntimeError(f"{self._name}: the engine failed: {self._failed!r}")
+        return True
+
+    # ----- weight sync ------------------------------------------------------------------------
+
+    def begin_weight_update(self) -> None:
+        """Pause stepping and prepare the engine to receive buckets."""
+        with self._engine_lock:
+            with self._cond:
+                self._updating = True
+            self._engine.begin_weight_update()
+
+    def load_weights(self, bucket: Bucket) -> None:
+        """Load one bucket of (HF name, array) pairs; call between begin and finish."""
+        with self._engine_lock:
+            if not self._updating:
+                raise RuntimeError(f"{self._name}: load_weights called without begin_weight_update")
+            self._engine.load_weights(bucket)
+
+    def finish_weight_update(self, version: int) -> None:
+        """Complete the update, set the weight version stamped on later completions, resume stepping."""
+        with self._engine_lock:
+            if not self._updating:
+                raise RuntimeError(f"{self._name}: finish_weight_update called without begin_weight_update")
+            self._engine.finish_weight_update()
+            self._version = version
+            with self._cond:
+                self._updating = False
+                self._cond.notify_all()
+        log.info("%s: weights at version %d", self._name, version)
+
+    def checksums(self) -> dict[str, str]:
+        """tensor_checksum of every weight under its HF name (compare with the trainer's)."""
+        with self._engine_lock:
+            if self._updating:
+                raise RuntimeError(f"{self._name}: checksums requested during a weight update")
+            return self._engine.checksums()
+
+
+def _engine_kwargs(
+    backend: str, model_path: str, rollout_cfg: RolloutConfig, model_cfg: ModelConfig, seed: int, max_model_len: int
+) -> dict[str, Any]:
+    dtype = model_cfg.dtype if rollout_cfg.dtype == "auto" else rollout_cfg.dtype
+    common = {"model_path": model_path, "dtype": dtype, "seed": seed, "trust_remote_code": model_cfg.trust_remote_code}
+    if backend == "vllm":
+        return {
+            **common,
+            "max_model_len": max_model_len,
+            "gpu_memory_utilization": rollout_cfg.gpu_memory_utilization,
+            "tensor_parallel_size": rollout_cfg.tensor_parallel_size,
+            "enforce_eager": rollout_cfg.enforce_eager,
+        }
+    return {**common, "device": "cuda" if rollout_cfg.num_gpus > 0 else "cpu"}
+
+
+def create_rollout_workers(
+    model_path: str | Path,
+    rollout_cfg: RolloutConfig,
+    model_cfg: ModelConfig,
+    seed: int,
+    num_workers: int | None = None,
+    max_prompt_tokens: int | None = None,
+    max_model_len: int | None = None,
+    name_prefix: str = "rollout",
+    wait: bool = True,
+) -> list[ActorHandle]:
+    """Start `num_workers` (default rollout.num_workers) workers named `{name_prefix}-{i}`.
+
+    The engine context is `max_model_len`, else rollout.max_model_len, else max_prompt_tokens
+    (pass data.max_prompt_tokens; default: its default) plus rollout.max_new_tokens. Worker i samples with seed + i so workers do not repeat each
+    other. With `wait`, returns once every engine is up; if one fails, all are killed and the
+    error is raised.
+    """
+    count = num_workers if num_workers is not None else rollout_cfg.num_workers
+    if max_prompt_tokens is None:
+        max_prompt_tokens = DataConfig.model_fields["max_prompt_tokens"].default
+    max_model_len = max_model_len or rollout_cfg.max_model_len or max_prompt_tokens + rollout_cfg.max_new_tokens
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # engine core in the actor: weights pass by reference
+    if rollout_cfg.num_gpus == 0:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"  # pinning OpenMP threads made CPU decoding ~6x slower
+    workers = []
+    for i in range(count):
+        name = f"{name_prefix}-{i}"
+        kwargs = _engine_kwargs(rollout_cfg.backend, str(model_path), rollout_cfg, model_cfg, seed + i, max_model_len)
+        workers.append(
+            RolloutWorker.options(
+                name=name,
+                get_if_exists=False,
+                num_cpus=rollout_cfg.num_cpus,
+                num_gpus=rollout_cfg.num_gpus,
+                max_concurrency=CONTROL_CONCURRENCY,
+                runtime_env={"env_vars": env},
+            ).remote(name, rollout_cfg.backend, kwargs)
+        )
+    if wait:
+        try:
+            ray.get([w.ready.remote() for w in workers])
+        except Exception:
+            for w in workers:
+                ray.kill(w)
+            raise
+    log.info("started %d %s rollout workers (max_model_len %d)", count, rollout_cfg.backend, max_model_len)
+    return workers
