@@ -1,0 +1,415 @@
+"""One rank of a DeepSpeed ZeRO trainer group, as a Ray actor.
+
+Every rank of a group receives the same call with its own contiguous shard of the rows, and
+every rank must take part in every collective (ZeRO-3 gathers parameters inside each forward),
+so all methods are called on all ranks together by `TrainerGroup`.
+
+Gradient accumulation is driven by hand, not by DeepSpeed's micro-step counter: a step may hold
+any number of micro-batches (and PPO-ptx adds passes), so before each backward the rank calls
+``engine.set_gradient_accumulation_boundary(last_pass)``, backpropagates with
+``scale_wrt_gas=False`` and calls ``engine.step()`` once at the end. The configured
+``gradient_accumulation_steps`` only keeps DeepSpeed's batch-size bookkeeping consistent. Loss
+normalisation (see `losses_step`) makes the gradient that of the global mini-batch loss: each
+pass's loss is its exact share of that loss, multiplied by the world size to undo the gradient
+averaging over ranks that ZeRO performs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import socket
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from rayrlhf.actors.losses_step import (
+    LOSS_ROLES,
+    Batch,
+    count_units,
+    plan_passes,
+    split_rows,
+    sub_batch,
+    validate,
+)
+from rayrlhf.actors.weights import Bucket, bucketize, tensor_checksum
+from rayrlhf.models.forward import sequence_scores, token_logprobs, token_values
+from rayrlhf.models.loading import load_critic, load_policy, load_reward_model, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+ROLES = ("policy", "critic", "reward")
+_LOADERS = {"policy": load_policy, "critic": load_critic, "reward": load_reward_model}
+SHARD_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """What one rank needs from the job config (built by `trainer_group.trainer_settings`)."""
+
+    zero_stage: int = 2
+    micro_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    total_steps: int = 1
+    max_grad_norm: float = 1.0
+    bf16: bool | None = None  # None: on where CUDA supports bf16
+    gradient_checkpointing: bool = False
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    seed: int = 0
+    temperature: float = 1.0  # sampling temperature the policy's log-probs are computed at
+
+
+def lr_lambda(settings: TrainerSettings) -> Any:
+    """Multiplier of the peak LR for update s (0-based): linear warm-up, then constant/cosine/linear decay."""
+    warmup, total, kind = settings.warmup_steps, max(settings.total_steps, 1), settings.lr_schedule
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return fn
+
+
+class RoleModule(torch.nn.Module):
+    """Wraps the HF model so DeepSpeed's engine runs the role's whole forward (its ZeRO hooks need that).
+
+    The HF model sits under ``hf``; names exported to HF/vLLM drop that prefix.
+    """
+
+    def __init__(self, role: str, hf: torch.nn.Module) -> None:
+        super().__init__()
+        self.role = role
+        self.hf = hf
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+        with_entropy: bool = False, temperature: float = 1.0,
+    ) -> dict[str, torch.Tensor]:
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "mask": mask}
+        if self.role == "policy":
+            logp, entropy = token_logprobs(self.hf, batch, temperature, with_entropy)
+            return {"logp": logp} if entropy is None else {"logp": logp, "entropy": entropy}
+        if self.role == "critic":
+            return {"values": token_values(self.hf, batch)}
+        return {"scores": sequence_scores(self.hf, batch)}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+@ray.remote
+class TrainerRank:
+    """One rank: holds a shard of the model, optimizer and LR schedule of a DeepSpeed engine."""
+
+    def __init__(
+        self, role: str, model_path: str, rank: int, world_size: int, master_addr: str | None,
+        master_port: int | None, settings: TrainerSettings,
+    ) -> None:
+        if role not in ROLES:
+            raise ValueError(f"unknown trainer role {role!r}; valid roles are {list(ROLES)}")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        self.role, self.model_path, self.rank, self.world_size = role, str(model_path), rank, world_size
+        self.master_addr = master_addr or ray.util.get_node_ip_address()
+        self.master_port = master_port or (free_port() if rank == 0 else None)
+        self.settings = settings
+        self.engine: Any = None
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        torch.set_num_threads(max(1, int(cpus)))
+
+    def master_address(self) -> tuple[str, int]:
+        """Rank 0's node IP and a free port there, for the other ranks' rendezvous."""
+        assert self.master_port is not None
+        return self.master_addr, self.master_port
+
+    def setup(self) -> None:
+        """Join the process group, load the model and build the DeepSpeed engine (all ranks together)."""
+        import deepspeed
+
+        s = self.settings
+        cuda = torch.cuda.is_available()
+        os.environ.update({
+            "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port), "RANK": str(self.rank),
+            "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": "0",  # Ray gives each GPU actor its own device 0
+        })
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
+        random.seed(s.seed)
+        np.random.seed(s.seed)
+        torch.manual_seed(s.seed)  # identical new heads (critic / reward) on every rank
+        hf = _LOADERS[self.role](self.model_path, dtype=s.dtype, trust_remote_code=s.trust_remote_code)
+        if s.gradient_checkpointing:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf.config.use_cache = False
+        module = RoleModule(self.role, hf)
+        decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=s.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s))
+        bf16 = s.bf16 if s.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+        config = {
+            "train_micro_batch_size_per_gpu": s.micro_batch_size,
+            "gradient_accumulation_steps": s.gradient_accumulation_steps,
+            "train_batch_size": s.micro_batch_size * s.gradient_accumulation_steps * self.world_size,
+            "gradient_clipping": s.max_grad_norm,
+            "bf16": {"enabled": bf16},
+            "zero_optimization": {"stage": s.zero_stage},
+            "zero_allow_untested_optimizer": True,  # torch AdamW: no JIT build of DeepSpeed's cpu_adam
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, *_ = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False,
+        )
+        self.device = self.engine.device
+        log.info("%s rank %d/%d ready: ZeRO-%d, bf16=%s, %s", self.role, self.rank, self.world_size, s.zero_stage,
+                 bf16, self.device)
+
+    # ---------------------------------------------------------------- forward-only passes
+
+    def _to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _forward(
+        self, batch: Batch, with_entropy: bool = False, temperature: float = 1.0
+    ) -> dict[str, torch.Tensor]:
+        """The role's outputs on this shard, micro-batch by micro-batch, in eval mode without grad."""
+        self.engine.eval()
+        packed = sub_batch(batch, "")
+        n_micro = max(1, math.ceil(packed["input_ids"].shape[0] / self.settings.micro_batch_size))
+        outs: list[dict[str, torch.Tensor]] = []
+        with torch.no_grad():
+            for mb in split_rows(packed, n_micro, lambda k: True):
+                outs.append(self.engine(**self._to_device(mb), with_entropy=with_entropy, temperature=temperature))
+        return {k: torch.cat([o[k] for o in outs]).float().cpu() for k in outs[0]}
+
+    def forward_logprobs(
+        self, batch: Batch, with_entropy: bool = False, temperature: float | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Per-token log-probs [b, T] (and entropy) of this rank's rows; temperature defaults to the sampling one."""
+        self._expect_role("policy", "forward_logprobs")
+        return self._forward(batch, with_entropy, self.settings.temperature if temperature is None else temperature)
+
+    def forward_values(self, batch: Batch) -> torch.Tensor:
+        self._expect_role("critic", "forward_values")
+        return self._forward(batch)["values"]
+
+    def forward_scores(self, batch: Batch) -> torch.Tensor:
+        self._expect_role("reward", "forward_scores")
+        return self._forward(batch)["scores"]
+
+    def _expect_role(self, role: str, what: str) -> None:
+        if self.role != role:
+            raise ValueError(f"{what} needs a {role} trainer, this group trains the {self.role}")
+
+    # ---------------------------------------------------------------- training
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def train_step(self, batch: Batch, loss: str, loss_args: dict[str, Any] | None = None) -> dict[str, float]:
+        """One optimizer step on this rank's shard of a mini-batch; returns metrics averaged over all ranks."""
+        args = dict(loss_args or {})
+        if LOSS_ROLES.get(loss) not in (None, self.role):
+            raise ValueError(f"loss {loss!r} trains a {LOSS_ROLES[loss]}, this group trains the {self.role}")
+        if loss == "ppo":  # PPO's ratios must use the sampling temperature; SFT/DPO/ptx/values use the model as is
+            args.setdefault("temperature", self.settings.temperature)
+        validate(loss, batch, args)
+        batch = self._to_device(batch)
+        units = count_units(loss, batch, args)
+        keys = sorted(units)
+        totals = dict(zip(keys, self._all_reduce([units[k] for k in keys]), strict=True))
+        passes = plan_passes(loss, batch, args, self.settings.micro_batch_size)
+        engine = self.engine
+        engine.train()
+
+        def forward(packed: Batch, with_entropy: bool, temperature: float) -> dict[str, torch.Tensor]:
+            return engine(**packed, with_entropy=with_entropy, temperature=temperature)
+
+        stats: dict[str, float] = {}
+        for i, run_pass in enumerate(passes):
+            engine.set_gradient_accumulation_boundary(i == len(passes) - 1)
+            result = run_pass(forward, totals)
+            # ZeRO averages gradients over ranks: scale by the world size so they sum instead.
+            engine.backward(result.loss * self.world_size, scale_wrt_gas=False)
+            for k, v in result.stats.items():
+                stats[k] = stats.get(k, 0.0) + v
+        lr = float(engine.get_lr()[0])
+        own_norm = self._grad_norm() if engine.zero_optimization_stage() == 0 else None
+        engine.step()
+        names = sorted(stats)
+        metrics = dict(zip(names, self._all_reduce([stats[k] for k in names]), strict=True))
+        norm = engine.get_global_grad_norm()
+        metrics["grad_norm"] = float(norm if norm is not None else (own_norm or 0.0))
+        metrics["lr"] = lr
+        return metrics
+
+    def _grad_norm(self) -> float:
+        """Gradient norm for ZeRO-0, where DeepSpeed does not report one (grads are already all-reduced)."""
+        sq = sum(float(p.grad.float().pow(2).sum()) for p in self.engine.module.parameters() if p.grad is not None)
+        return math.sqrt(sq)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, directory: str, tag: str) -> None:
+        """Model, optimizer, LR scheduler (DeepSpeed's files) plus this rank's RNG states."""
+        self.engine.save_checkpoint(directory, tag=tag, client_state={"settings": asdict(self.settings)})
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        (Path(directory) / tag).mkdir(parents=True, exist_ok=True)
+        torch.save(rng, Path(directory) / tag / f"rng_rank{self.rank}.pt")
+        torch.distributed.barrier()
+
+    def load_checkpoint(self, directory: str, tag: str) -> None:
+        path, _ = self.engine.load_checkpoint(
+            directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {directory}")
+        rng_file = Path(directory) / tag / f"rng_rank{self.rank}.pt"
+        if rng_file.exists():
+            rng = torch.load(rng_file, weights_only=False)
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        torch.distributed.barrier()
+
+    # ---------------------------------------------------------------- full weights
+
+    def _full_tensors(self, dtype: str | None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor) for every parameter and persistent buffer, one module at a time.
+
+        All ranks must iterate in lockstep: under ZeRO-3 each module's parameters are gathered
+        with `GatheredParameters` (every rank joins the all-gather) and copied before the gather
+        is released, so at most one module is ever materialised beyond the local shard. Only
+        rank 0 yields. Tied parameters appear once, under their first name (as `save_pretrained`).
+        """
+        import deepspeed
+
+        want = resolve_dtype(dtype) if dtype else None
+        hf = self.engine.module.hf
+        zero3 = self.engine.zero_optimization_stage() == 3
+        seen: set[int] = set()
+        for mod_name, module in hf.named_modules():
+            prefix = f"{mod_name}." if mod_name else ""
+            params = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
+            buffers = [(n, b) for n, b in module.named_buffers(recurse=False)
+                       if b is not None and n not in module._non_persistent_buffers_set]
+            seen.update(id(p) for _, p in params)
+            if not params and not buffers:
+                continue
+            gathered = deepspeed.zero.GatheredParameters([p for _, p in params]) if zero3 and params else None
+            if gathered is not None:
+                gathered.__enter__()
+            try:  # copy inside the gather: the gathered storage is released (and reused) on exit
+                out = [(prefix + n, t.detach().to(device="cpu", dtype=want or t.dtype, copy=zero3))
+                       for n, t in params + buffers] if self.rank == 0 else []
+            finally:
+                if gathered is not None:
+                    gathered.__exit__(None, None, None)
+            yield from out
+
+    def iter_weight_buckets(self, bucket_bytes: int, dtype: str | None = None) -> Iterator[Bucket]:
+        """Stream the full weights as buckets (rank 0 yields; the others only join the gathers).
+
+        Call with ``.options(num_returns="streaming")`` on every rank at once.
+        """
+        named = self._full_tensors(dtype)
+        if self.rank == 0:
+            yield from bucketize(named, bucket_bytes)
+        else:
+            for _ in named:
+                pass
+
+    def checksums(self, dtype: str | None = None) -> dict[str, str]:
+        """{HF name: checksum of the full tensor in `dtype`} on rank 0, {} elsewhere."""
+        return {name: tensor_checksum(t) for name, t in self._full_tensors(dtype)}
+
+    def export_hf(self, directory: str, dtype: str | None = None) -> None:
+        """Rank 0 writes a Hugging Face directory: config, safetensors shards, tokenizer."""
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        written: list[tuple[Path, list[str]]] = []
+        if self.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        for name, tensor in self._full_tensors(dtype):
+            nbytes = tensor.numel() * tensor.element_size()
+            if shards[-1] and size + nbytes > SHARD_BYTES:
+                written.append(self._write_shard(out, len(written), shards.pop(), save_file))
+                shards.append({})
+                size = 0
+            shards[-1][name] = tensor.contiguous()
+            size += nbytes
+        if self.rank == 0:
+            written.append(self._write_shard(out, len(written), shards.pop(), save_file))
+            self._finish_export(out, written, dtype)
+        torch.distributed.barrier()
+
+    @staticmethod
+    def _write_shard(out: Path, index: int, tensors: dict[str, torch.Tensor], save_file: Any) -> tuple[Path, list[str]]:
+        path = out / f"shard-{index:05d}.tmp"
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        return path, list(tensors)
+
+    def _finish_export(self, out: Path, written: list[tuple[Path, list[str]]], dtype: str | None) -> None:
+        import copy
+        import json
+
+        from transformers import AutoTokenizer
+
+        n = len(written)
+        weight_map: dict[str, str] = {}
+        for i, (path, names) in enumerate(written):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(out / final)
+            weight_map.update(dict.fromkeys(names, final))
+        if n > 1:
+            total = sum((out / f).stat().st_size for f in set(weight_map.values()))
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        hf = self.engine.module.hf
+        config = copy.deepcopy(hf.config)
+        config.architectures = [type(hf).__name__]
+        config.use_cache = True
+        first = next(iter(hf.parameters()))
+        config.dtype = str(resolve_dtype(dtype) if dtype else first.dtype).removeprefix("torch.")
+        config.save_pretrained(out)
+        if getattr(hf, "generation_config", None) is not None and self.role == "policy":
+            hf.generation_config.save_pretrained(out)
+        AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=self.settings.trust_remote_code).save_pretrained(out)
+        log.info("exported %s to %s (%d shard(s))", self.role, out, n)
+
+    def shutdown(self) -> None:
+        """Leave the process group cleanly (a rank that exits inside it aborts with SIGABRT)."""
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        self.engine = None

@@ -1,0 +1,245 @@
+"""Driver-side handle of one trainer group: R `TrainerRank` actors forming one DeepSpeed world.
+
+The group owns the placement group and the actors, splits every full batch contiguously over
+the ranks (rank r gets rows [r*B/R, (r+1)*B/R)), calls all ranks together (each collective needs
+all of them) and merges the answers. A failing rank surfaces at once (the group waits with
+`ray.wait`, not rank by rank); the other ranks may then be stuck in a collective, so a group
+that raised from a rank should be shut down.
+
+Weight streaming protocol::
+
+    gen = group.iter_weight_buckets(bucket_bytes, dtype)   # rank 0's ObjectRefGenerator
+    for ref in gen:                                         # each ref holds one Bucket
+        ...                                                 # pass refs on, or ray.get(ref)
+    group.finish_weight_stream()                            # joins the other ranks, raises their errors
+
+Every rank runs the streaming method (ZeRO-3 gathers need them all); only rank 0 yields.
+Streaming generators run ahead of the consumer, so no rank waits on the caller's pace; the next
+group call also finishes a stream left open.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rayrlhf.actors.losses_step import LOSS_ROLES, validate
+from rayrlhf.actors.trainer import ROLES, TrainerRank, TrainerSettings
+from rayrlhf.actors.weights import DEFAULT_BUCKET_BYTES
+from rayrlhf.config import JobConfig, RoleConfig
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+
+
+def role_config(cfg: JobConfig, role: str) -> RoleConfig:
+    """The trainer section of a role: the critic has its own; the policy's also serves offline RM training."""
+    return cfg.trainer.critic if role == "critic" else cfg.trainer.policy
+
+
+def trainer_settings(cfg: JobConfig, role: str, total_steps: int) -> TrainerSettings:
+    """Settings of one role's ranks; `total_steps` counts optimizer steps (for the LR schedule)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown trainer role {role!r}; valid roles are {list(ROLES)}")
+    rc, t = role_config(cfg, role), cfg.trainer
+    mini = t.mini_batch_size or cfg.samples_per_step
+    per_rank = max(1, mini // rc.num_ranks)
+    return TrainerSettings(
+        zero_stage=t.zero_stage,
+        micro_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=max(1, math.ceil(per_rank / t.micro_batch_size)),
+        lr=rc.lr,
+        weight_decay=rc.weight_decay,
+        warmup_steps=rc.warmup_steps,
+        lr_schedule=rc.lr_schedule,
+        total_steps=max(1, total_steps),
+        max_grad_norm=t.max_grad_norm,
+        bf16=t.bf16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        seed=cfg.seed,
+        temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0,
+    )
+
+
+class TrainerGroup:
+    """R ranks of one role (policy, critic or reward model) behind full-batch methods."""
+
+    def __init__(
+        self,
+        role: str,
+        model_path: str,
+        settings: TrainerSettings,
+        num_ranks: int = 1,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        name_prefix: str | None = None,
+        placement_timeout_s: float = 120.0,
+    ) -> None:
+        if role not in ROLES:
+            raise ValueError(f"unknown trainer role {role!r}; valid roles are {list(ROLES)}")
+        self.role, self.num_ranks, self.settings = role, num_ranks, settings
+        self._stream_rest: list[Any] = []
+        bundle = {k: v for k, v in {"CPU": num_cpus, "GPU": num_gpus}.items() if v > 0} or {"CPU": 0.01}
+        self.pg = placement_group([dict(bundle) for _ in range(num_ranks)], strategy="PACK")
+        try:
+            ray.get(self.pg.ready(), timeout=placement_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise RuntimeError(
+                f"the {role} trainer group could not be placed within {placement_timeout_s:.0f}s: it asks for "
+                f"{num_ranks} bundle(s) of {bundle}; the cluster has {ray.cluster_resources()} in total and "
+                f"{ray.available_resources()} free"
+            ) from None
+        prefix = name_prefix or role
+
+        def make(rank: int, addr: str | None, port: int | None) -> Any:
+            return TrainerRank.options(
+                name=f"{prefix}-{rank}", num_cpus=num_cpus, num_gpus=num_gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
+            ).remote(role, str(model_path), rank, num_ranks, addr, port, settings)
+
+        self.actors: list[Any] = []
+        try:
+            self.actors.append(make(0, None, None))
+            addr, port = ray.get(self.actors[0].master_address.remote())
+            self.actors += [make(r, addr, port) for r in range(1, num_ranks)]
+            self._call("setup")
+        except BaseException:
+            self.shutdown(timeout_s=5.0)
+            raise
+        log.info("%s trainer group ready: %d rank(s), rendezvous %s:%d", role, num_ranks, addr, port)
+
+    @classmethod
+    def from_config(cls, cfg: JobConfig, role: str, model_path: str, total_steps: int, **kwargs: Any) -> TrainerGroup:
+        rc = role_config(cfg, role)
+        return cls(role, model_path, trainer_settings(cfg, role, total_steps), num_ranks=rc.num_ranks,
+                   num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, **kwargs)
+
+    # ---------------------------------------------------------------- plumbing
+
+    def _wait(self, refs: list[Any]) -> list[Any]:
+        """Results of all ranks; the first rank error is raised at once instead of behind a hung peer."""
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done[0])
+        return ray.get(refs)
+
+    def _call(self, method: str, *args: Any, per_rank: list[tuple[Any, ...]] | None = None) -> list[Any]:
+        self.finish_weight_stream()
+        calls = per_rank or [args] * self.num_ranks
+        return self._wait([getattr(a, method).remote(*c) for a, c in zip(self.actors, calls, strict=True)])
+
+    def _split(self, batch: Batch) -> list[Batch]:
+        """Contiguous equal row shards per rank; every tensor's rows must divide by the rank count."""
+        shards: list[Batch] = [{} for _ in range(self.num_ranks)]
+        for key, value in batch.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{self.role} trainer: batch[{key!r}] must be a tensor, got {type(value).__name__}")
+            rows = int(value.shape[0]) if value.dim() else 0
+            if rows == 0 or rows % self.num_ranks:
+                raise ValueError(
+                    f"{self.role} trainer: batch[{key!r}] has {rows} rows, which do not split evenly over "
+                    f"{self.num_ranks} rank(s); make the (mini-)batch a multiple of the rank count"
+                )
+            for r, part in enumerate(value.split(rows // self.num_ranks)):
+                shards[r][key] = part.clone()  # a view would ship its whole parent storage to every rank
+        return shards
+
+    # ---------------------------------------------------------------- forward passes
+
+    def forward_logprobs(
+        self, batch: Batch, with_entropy: bool = False, temperature: float | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Per-token log-probs [B, T] (and entropy [B, T] when asked) of the policy.
+
+        `temperature` defaults to the sampling temperature the group was configured with.
+        """
+        outs = self._call("forward_logprobs", per_rank=[(s, with_entropy, temperature) for s in self._split(batch)])
+        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+
+    def forward_values(self, batch: Batch) -> torch.Tensor:
+        """Critic values [B, T]."""
+        return torch.cat(self._call("forward_values", per_rank=[(s,) for s in self._split(batch)]))
+
+    def forward_scores(self, batch: Batch) -> torch.Tensor:
+        """Reward-model scores [B]."""
+        return torch.cat(self._call("forward_scores", per_rank=[(s,) for s in self._split(batch)]))
+
+    # ---------------------------------------------------------------- training and state
+
+    def train_step(self, batch: Batch, loss: str, loss_args: dict[str, Any] | None = None) -> dict[str, float]:
+        """One optimizer step on a global mini-batch; the metrics are already reduced over the ranks.
+
+        Batches are `pack_batch` layouts (input_ids, attention_mask, position_ids [B, P+T], mask [B, T])
+        plus, per loss:
+          * ``ppo``: old_logp [B, T], advantages [B, T] or [B]; ref_logp with ``kl_coef`` > 0 (KL as a
+            loss term, GRPO); a ``ptx_``-prefixed packed sub-batch with ``ptx_coef`` > 0 (PPO-ptx).
+            loss_args: clip_eps, clip_eps_high, kl_coef, kl_estimator, ptx_coef, agg, temperature.
+          * ``value``: old_values, returns [B, T]; loss_args: value_clip_eps, agg.
+          * ``sft``: only the packed batch; loss_args: agg.
+          * ``bt`` (reward) / ``dpo`` (policy): ``chosen_`` and ``rejected_`` packed sub-batches
+            (no unprefixed ones); dpo also ref_chosen_logp / ref_rejected_logp [B]; loss_args: beta,
+            label_smoothing.
+        The result is exactly one step on the loss of the whole mini-batch, whatever the rank and
+        micro-batch split. Metrics: loss, grad_norm (before clipping), lr (of this update) and the
+        loss's own (clipfrac, approx_kl, entropy, kl, ptx_loss; vf_clipfrac; accuracy, margin).
+        """
+        args = dict(loss_args or {})
+        if LOSS_ROLES.get(loss, self.role) != self.role:
+            raise ValueError(f"loss {loss!r} trains a {LOSS_ROLES[loss]}, but this group trains the {self.role}")
+        validate(loss, batch, args)  # here, so bad input fails fast with one clear error
+        return self._call("train_step", per_rank=[(s, loss, args) for s in self._split(batch)])[0]
+
+    def save_checkpoint(self, directory: str, tag: str) -> None:
+        self._call("save_checkpoint", str(directory), tag)
+
+    def load_checkpoint(self, directory: str, tag: str) -> None:
+        self._call("load_checkpoint", str(directory), tag)
+
+    def export_hf(self, directory: str, dtype: str | None = None) -> None:
+        """A Hugging Face directory (config, safetensors, tokenizer) of the current weights."""
+        self._call("export_hf", str(directory), dtype)
+
+    def checksums(self, dtype: str | None = None) -> dict[str, str]:
+        """{HF name: checksum} of the full current weights (as rank 0 sees them)."""
+        return self._call("checksums", dtype)[0]
+
+    def iter_weight_buckets(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: str | None = None) -> Any:
+        """Start a weight stream on every rank and return rank 0's ObjectRefGenerator of buckets."""
+        self.finish_weight_stream()
+        gens = [a.iter_weight_buckets.options(num_returns="streaming").remote(bucket_bytes, dtype) for a in self.actors]
+        self._stream_rest = gens[1:]
+        return gens[0]
+
+    def finish_weight_stream(self) -> None:
+        """Wait for the non-zero ranks of the last weight stream (they yield nothing) and raise their errors."""
+        rest, self._stream_rest = self._stream_rest, []
+        for gen in rest:
+            for ref in gen:
+                ray.get(ref)
+
+    def shutdown(self, timeout_s: float = 60.0) -> None:
+        """Leave the process group on every rank, then kill the actors and free the placement group."""
+        self._stream_rest = []
+        if self.actors:
+            refs = [a.shutdown.remote() for a in self.actors]
+            done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+            if pending:
+                log.warning("%s trainer: %d rank(s) did not leave the process group in %.0fs; killing them",
+                            self.role, len(pending), timeout_s)
+            for actor in self.actors:
+                ray.kill(actor)
+            self.actors = []
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
