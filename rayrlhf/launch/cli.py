@@ -34,6 +34,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run one job on the cluster named by --address / RAY_ADDRESS, or on an embedded local Ray."""
+    from rayrlhf.launch.run import run_job
+
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+    cfg = load_config(args.config, overrides)
+    run_job(cfg, resume=args.resume)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayrlhf", description="Distributed RLHF on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -41,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="validate a config and print it resolved")
     _add_config_args(validate)
     validate.set_defaults(func=cmd_validate)
+    train = sub.add_parser("train", help="run a job (online RL, or SFT / RM / DPO by algorithm.name)")
+    _add_config_args(train)
+    train.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/latest")
+    train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    train.set_defaults(func=cmd_train)
     return parser
 
 

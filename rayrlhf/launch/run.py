@@ -1,0 +1,32 @@
+"""Run one job: connect to Ray, pick the loop by `algorithm.name`, and shut down cleanly."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from rayrlhf.config import JobConfig
+from rayrlhf.launch.ray_init import connect
+
+log = logging.getLogger(__name__)
+
+
+def run_job(cfg: JobConfig, resume: bool = False) -> Path:
+    """Run `cfg` to completion and return the folder of the final model."""
+    import ray
+
+    mode = connect(cfg)
+    try:
+        if cfg.algorithm.is_online:
+            from rayrlhf.orchestrator.online import OnlineRL
+
+            job = OnlineRL(cfg, resume=resume)
+        else:
+            raise NotImplementedError(f"algorithm.name={cfg.algorithm.name} (offline training) is not available yet")
+        try:
+            return job.run()
+        finally:
+            job.system.shutdown()
+    finally:
+        if mode == "embedded":
+            ray.shutdown()

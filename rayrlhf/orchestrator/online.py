@@ -1,0 +1,276 @@
+"""The online RL loop (PPO, GRPO, RLOO, REINFORCE++): the single controller, top to bottom.
+
+    for each step:
+        prompts   <- next prompts_per_step rows of data.train (seeded order, resumable)
+        rollouts  <- rollout workers, streamed; each finished micro-batch is scored at once:
+                     reference log-probs, reward, critic values, the policy's own log-probs
+        targets   <- KL to the reference, token rewards, advantages (GAE / group / RLOO / REINFORCE++)
+        update    <- ppo_epochs passes of mini-batches on the policy (and critic) trainers
+        sync      <- new weights to every rollout worker, checksums verified
+        log       <- one metrics row; a checkpoint when due
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rayrlhf.actors.types import Completion, GenerationRequest, SamplingSpec
+from rayrlhf.algorithms import make_kl_controller, masked_mean
+from rayrlhf.config import JobConfig, to_yaml
+from rayrlhf.data.datasets import load_prompts
+from rayrlhf.models.forward import pack_batch
+from rayrlhf.orchestrator.checkpoint import latest_checkpoint, load_state, save_checkpoint
+from rayrlhf.orchestrator.experience import compute_advantages, kl_per_sequence, kl_token_mean
+from rayrlhf.orchestrator.metrics import MetricsWriter, progress
+from rayrlhf.orchestrator.rollout import stream_rollouts
+from rayrlhf.orchestrator.system import System
+
+log = logging.getLogger(__name__)
+
+
+def pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Stack 1-D tensors of different lengths into [B, width], right-padded with zeros."""
+    out = torch.zeros(len(rows), width)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+class OnlineRL:
+    """One online RL job: owns the actors (through `System`), the data position and the KL controller."""
+
+    def __init__(self, cfg: JobConfig, resume: bool = False) -> None:
+        if not cfg.algorithm.is_online:
+            raise ValueError(f"algorithm.name={cfg.algorithm.name} is not online RL")
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(to_yaml(cfg))
+        self.system = System(cfg)
+        self.tokenizer = self.system.tokenizer
+        self.data = load_prompts(
+            cfg.data.train, self.tokenizer, cfg.data.max_prompt_tokens, cfg.data.overlong_prompts,
+            cfg.data.apply_chat_template, cfg.seed, cfg.data.shuffle,
+        )
+        algo = cfg.algorithm
+        self.kl_ctl = make_kl_controller(algo.kl_controller, algo.kl_coef, algo.kl_target, algo.kl_horizon)
+        self.step = 0
+        self.weight_version = 0
+        resume_step = self._restore() if resume else None
+        self.metrics = MetricsWriter(self.out / "metrics.jsonl", resume_from_step=resume_step)
+
+    # ----------------------------------------------------------------------------------- loop
+    def run(self) -> Path:
+        cfg = self.cfg
+        bar = progress(cfg.schedule.steps, self.step, f"{cfg.algorithm.name}")
+        try:
+            while self.step < cfg.schedule.steps:
+                row = self.train_step()
+                self.metrics.write(row)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{row['reward/mean']:.3f}", kl=f"{row['kl/mean']:.4f}")
+                else:
+                    log.info(
+                        "step %d/%d reward %.4f kl %.5f (%.1fs)", self.step, cfg.schedule.steps,
+                        row["reward/mean"], row["kl/mean"], row["timing/step_s"],
+                    )
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self.save()
+            final = self.out / "final"
+            self.system.policy.export_hf(str(final))
+            log.info("final policy written to %s", final)
+            return final
+        finally:
+            if bar is not None:
+                bar.close()
+            self.metrics.close()
+
+    def train_step(self) -> dict[str, Any]:
+        cfg, algo = self.cfg, self.cfg.algorithm
+        t_step = time.monotonic()
+        self.step += 1
+
+        # 1. prompts, each sampled group_size times
+        indices = self.data.next_batch(cfg.schedule.prompts_per_step)
+        requests = [self._request(k, i) for k, i in enumerate(indices)]
+
+        # 2. rollouts, streamed into scoring
+        t0 = time.monotonic()
+        scored, timings = stream_rollouts(
+            self.system.rollout_workers, requests, lambda batch: self.system.score(batch, self._columns(batch, indices)),
+            cfg.rollout.micro_batch_size,
+        )
+        rollout_s = time.monotonic() - t0
+        exp = self._assemble(scored)
+
+        # 3. KL, rewards and advantages
+        kl_coef = float(self.kl_ctl.value)
+        adv = compute_advantages(
+            algo, exp["scores"], exp["valid"], exp["truncated"], exp["mask"], exp["logp"], exp["ref_logp"],
+            exp.get("values"), kl_coef,
+        )
+
+        # 4. policy (and critic) updates
+        t0 = time.monotonic()
+        train_metrics = self._update(exp, adv)
+        train_s = time.monotonic() - t0
+
+        # 5. weight sync to every rollout worker
+        t0 = time.monotonic()
+        self.weight_version += 1
+        verify = cfg.schedule.verify_sync_every and self.weight_version % cfg.schedule.verify_sync_every == 0
+        self.system.sync_weights(self.weight_version, verify=bool(verify))
+        sync_s = time.monotonic() - t0
+
+        kl_seq = kl_per_sequence(adv.kl, exp["mask"])
+        self.kl_ctl.update(kl_seq, cfg.samples_per_step)
+        return self._metrics_row(exp, adv, kl_coef, train_metrics, timings, rollout_s, train_s, sync_s, t_step)
+
+    # -------------------------------------------------------------------------------- helpers
+    def _request(self, position: int, index: int) -> GenerationRequest:
+        """The sampling request for prompt `index`; the seed depends only on (seed, step, position),
+        so a resumed run samples exactly what the uninterrupted one would have."""
+        r = self.cfg.rollout
+        seed = (self.cfg.seed * 1_000_003 + self.step * 10_007 + position * 101) % (2**31 - 1)
+        spec = SamplingSpec(
+            n=self.cfg.algorithm.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+            max_new_tokens=r.max_new_tokens, stop_token_ids=(self.tokenizer.eos_token_id,), seed=seed,
+        )
+        return GenerationRequest(f"s{self.step}-p{position}", list(self.data.prompt_ids[index]), spec)
+
+    def _columns(self, batch: list[Completion], indices: list[int]) -> tuple[list[str], dict[str, list]]:
+        """Raw prompts and the other data columns of each completion's row, for the reward."""
+        rows = [self.data.rows[indices[int(c.request_id.rsplit("-p", 1)[1])]] for c in batch]
+        names = [k for k in rows[0] if k not in ("prompt", "_where")]
+        return [r["prompt"] for r in rows], {k: [r.get(k) for r in rows] for k in names}
+
+    def _assemble(self, scored: list[tuple[list[Completion], dict[str, Any]]]) -> dict[str, Any]:
+        """One batch of all samples, groups contiguous (prompt order, then sample index)."""
+        rows = []
+        for completions, res in scored:
+            for i, c in enumerate(completions):
+                n = len(c.response_ids)
+                rows.append((
+                    int(c.request_id.rsplit("-p", 1)[1]), c.sample_index, c,
+                    {k: res[k][i, :n] for k in ("ref_logp", "logp", "entropy", "values") if res.get(k) is not None},
+                    res["scores"][i],
+                ))
+        rows.sort(key=lambda r: (r[0], r[1]))
+        completions = [r[2] for r in rows]
+        batch = pack_batch([c.prompt_ids for c in completions], [c.response_ids for c in completions], self.tokenizer.pad_token_id)
+        width = batch["mask"].shape[1]
+        for key in rows[0][3]:
+            batch[key] = pad_rows([r[3][key] for r in rows], width)
+        scores = [r[4] for r in rows]
+        batch["scores"] = torch.tensor([float("nan") if s is None else s for s in scores])
+        batch["valid"] = torch.tensor([s is not None for s in scores])
+        batch["truncated"] = torch.tensor([c.truncated for c in completions])
+        batch["response_len"] = torch.tensor([len(c.response_ids) for c in completions], dtype=torch.float32)
+        batch["versions"] = [c.weight_version for c in completions]
+        return batch
+
+    def _update(self, exp: dict[str, Any], adv: Any) -> dict[str, float]:
+        """`ppo_epochs` passes of shuffled mini-batches over the policy and, for ppo, the critic."""
+        cfg, algo = self.cfg, self.cfg.algorithm
+        keys = ("input_ids", "attention_mask", "position_ids", "mask")
+        data = {k: exp[k] for k in keys}
+        data["mask"] = exp["mask"] * exp["valid"].float().unsqueeze(1)
+        data.update(old_logp=exp["logp"], advantages=adv.advantages, ref_logp=exp["ref_logp"])
+        if adv.returns is not None:
+            data.update(old_values=exp["values"], returns=adv.returns)
+        policy_args = {
+            "clip_eps": algo.clip_eps, "clip_eps_high": algo.clip_eps_high, "agg": algo.loss_agg,
+            "temperature": cfg.rollout.temperature or 1.0,
+            "kl_coef": 0.0 if algo.kl_as_reward else float(self.kl_ctl.value), "kl_estimator": algo.kl_estimator,
+        }
+        if algo.ptx_coef > 0:
+            policy_args["ptx_coef"] = algo.ptx_coef
+        n = exp["input_ids"].shape[0]
+        mini = cfg.trainer.mini_batch_size or n
+        rng = torch.Generator().manual_seed(cfg.seed * 7919 + self.step)
+        sums: dict[str, float] = {}
+        count = 0
+        for _ in range(algo.ppo_epochs):
+            order = torch.randperm(n, generator=rng)
+            for start in range(0, n, mini):
+                idx = order[start : start + mini]
+                mb = {k: v[idx] for k, v in data.items()}
+                if algo.ptx_coef > 0:
+                    mb.update(self.system.ptx_batch(mini))
+                metrics = {f"policy/{k}": v for k, v in self.system.policy.train_step(mb, "ppo", policy_args).items()}
+                if self.system.critic is not None:
+                    critic_args = {"value_clip_eps": algo.value_clip_eps}
+                    metrics.update({f"critic/{k}": v for k, v in self.system.critic.train_step(mb, "value", critic_args).items()})
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                count += 1
+        return {k: v / count for k, v in sums.items()}
+
+    def _metrics_row(self, exp, adv, kl_coef, train, timings, rollout_s, train_s, sync_s, t_step) -> dict[str, Any]:
+        from rayrlhf.algorithms import explained_variance
+
+        mask = exp["mask"] * exp["valid"].float().unsqueeze(1)
+        valid = exp["valid"]
+        tokens = float(exp["response_len"].sum())
+        step_s = time.monotonic() - t_step
+        row: dict[str, Any] = {
+            "step": self.step,
+            "weight_version": self.weight_version,
+            "reward/mean": float(exp["scores"][valid].mean()) if valid.any() else float("nan"),
+            "reward/std": float(exp["scores"][valid].std()) if valid.sum() > 1 else 0.0,
+            "reward/failed": int((~valid).sum()),
+            "kl/mean": kl_token_mean(adv.kl, mask),
+            "kl/seq_mean": kl_per_sequence(adv.kl, mask),
+            "kl/coef": kl_coef,
+            "response/length_mean": float(exp["response_len"].mean()),
+            "response/truncated_frac": float(exp["truncated"].float().mean()),
+            "rollout/backend": self.cfg.rollout.backend,
+            "rollout/min_weight_version": min(exp["versions"]),
+            "advantages/mean": float(masked_mean(adv.advantages, mask)),
+            "policy/entropy": float(masked_mean(exp["entropy"], mask)) if "entropy" in exp else float("nan"),
+            "throughput/tokens_per_s": tokens / max(rollout_s, 1e-9),
+            "timing/step_s": step_s,
+            "timing/rollout_s": rollout_s,
+            "timing/score_s": timings.score_s,
+            "timing/overlap_frac": timings.overlap_frac,
+            "timing/train_s": train_s,
+            "timing/sync_s": sync_s,
+            "data/epoch": self.data.epoch,
+        }
+        if adv.returns is not None:
+            row["critic/explained_variance"] = float(explained_variance(exp["values"], adv.returns, mask))
+        row.update(train)
+        return row
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def save(self) -> Path:
+        state = {
+            "step": self.step,
+            "weight_version": self.weight_version,
+            "data": self.data.state_dict(),
+            "kl_controller": self.kl_ctl.state_dict(),
+        }
+        return save_checkpoint(
+            self.out / "checkpoints", self.step, state, self.system.save_trainers, self.cfg.checkpoint.keep_last
+        )
+
+    def _restore(self) -> int | None:
+        folder = latest_checkpoint(self.out / "checkpoints")
+        if folder is None:
+            log.warning("--resume: no checkpoint under %s; starting from scratch", self.out / "checkpoints")
+            return None
+        state = load_state(folder)
+        self.step = int(state["step"])
+        self.weight_version = int(state["weight_version"])
+        self.data.load_state_dict(state["data"])
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.system.load_trainers(folder)
+        self.system.sync_weights(self.weight_version, verify=True)
+        log.info("resumed from %s (step %d)", folder, self.step)
+        return self.step

@@ -1,0 +1,173 @@
+"""The actors of one online RL job, created from config, and the three things the loop asks of
+them: score a micro-batch, sync the weights, save or load the trainers."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from rayrlhf.actors.rollout import create_rollout_workers
+from rayrlhf.actors.scorers import RemoteReferenceServer, RemoteRewardServer
+from rayrlhf.actors.trainer_group import TrainerGroup
+from rayrlhf.actors.types import Completion
+from rayrlhf.actors.weights import checksum_mismatches
+from rayrlhf.config import JobConfig
+from rayrlhf.models.forward import pack_batch
+from rayrlhf.models.loading import load_tokenizer, resolve_dtype
+from rayrlhf.models.tiny import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+def _even_rows(batch: dict[str, torch.Tensor], ranks: int, call: Any) -> Any:
+    """Call a trainer-group forward on `batch`, repeating the last row so the rows split evenly over
+    the ranks, and cut the padding off the result (a dict of tensors or one tensor)."""
+    rows = batch["input_ids"].shape[0]
+    extra = -rows % ranks
+    if extra:
+        batch = {k: torch.cat([v, v[-1:].expand(extra, *v.shape[1:])]) for k, v in batch.items()}
+    out = call(batch)
+    if isinstance(out, dict):
+        return {k: v[:rows] for k, v in out.items()}
+    return out[:rows]
+
+
+class WeightSyncError(RuntimeError):
+    """A rollout worker's weights differ from the trainer's after a sync."""
+
+
+class System:
+    """Rollout workers, policy (and critic) trainer groups, the reference and the reward servers."""
+
+    def __init__(self, cfg: JobConfig) -> None:
+        self.cfg = cfg
+        cache = Path(cfg.output_dir) / ".models"
+        trust = cfg.model.trust_remote_code
+        self.policy_path = resolve_model_path(cfg.model.policy, cache, cfg.seed)
+        self.tokenizer = load_tokenizer(self.policy_path, trust)
+        # Weights travel in the engine's dtype; checksums compare the same bytes on both sides.
+        self.sync_dtype = str(resolve_dtype(cfg.rollout.dtype if cfg.rollout.dtype != "auto" else cfg.model.dtype)).removeprefix("torch.")
+        steps = cfg.schedule.steps * cfg.algorithm.ppo_epochs * (cfg.samples_per_step // (cfg.trainer.mini_batch_size or cfg.samples_per_step))
+        log.info("creating %d rollout worker(s) (%s)", cfg.rollout.num_workers, cfg.rollout.backend)
+        self.rollout_workers = create_rollout_workers(
+            self.policy_path, cfg.rollout, cfg.model, cfg.seed,
+            max_prompt_tokens=cfg.data.max_prompt_tokens,
+        )
+        log.info("creating the policy trainer group (%d rank(s), ZeRO-%d)", cfg.trainer.policy.num_ranks, cfg.trainer.zero_stage)
+        self.policy = TrainerGroup.from_config(cfg, "policy", self.policy_path, steps)
+        self.critic = None
+        if cfg.algorithm.name == "ppo":
+            critic_path = resolve_model_path(cfg.model.critic, cache, cfg.seed)
+            self.critic = TrainerGroup.from_config(cfg, "critic", critic_path, steps)
+        srv = cfg.servers
+        ref_path = resolve_model_path(cfg.model.reference or cfg.model.policy, cache, cfg.seed)
+        self.reference = RemoteReferenceServer.options(
+            name="reference", num_cpus=srv.reference_num_cpus, num_gpus=srv.reference_num_gpus
+        ).remote(ref_path, cfg.model.dtype, trust, srv.micro_batch_size, cfg.rollout.temperature or 1.0)
+        reward_model = resolve_model_path(cfg.model.reward, cache, cfg.seed) if cfg.model.reward else None
+        self.rewards = [
+            RemoteRewardServer.options(name=f"reward-{i}", num_cpus=srv.reward_num_cpus, num_gpus=srv.reward_num_gpus).remote(
+                model_path=reward_model, function=cfg.reward.function, url=cfg.reward.url, dtype=cfg.model.dtype,
+                trust_remote_code=trust, timeout_s=cfg.reward.timeout_s, max_retries=cfg.reward.max_retries,
+                micro_batch_size=srv.micro_batch_size,
+            )
+            for i in range(cfg.reward.num_workers)
+        ]
+        ray.get([self.reference.ready.remote()] + [r.ready.remote() for r in self.rewards])
+        ray.get([w.ready.remote() for w in self.rollout_workers])
+        self._reward_turn = 0
+        # Calls into one trainer group must reach all its ranks in the same order (collectives).
+        self._policy_lock = threading.Lock()
+        self._critic_lock = threading.Lock()
+        self._ptx = None
+
+    # ------------------------------------------------------------------------------ scoring
+    def score(self, completions: list[Completion], prompts_and_columns: tuple[list[str], dict[str, list]]) -> dict[str, Any]:
+        """Everything the update needs about one micro-batch of finished samples.
+
+        Reference log-probs, the reward and (ppo) values are requested at once and computed in
+        parallel by different actors; the policy's own log-probs (old_logp) come from the
+        policy trainer, which is otherwise idle during the rollout.
+        """
+        prompts, columns = prompts_and_columns
+        batch = pack_batch([c.prompt_ids for c in completions], [c.response_ids for c in completions], self.tokenizer.pad_token_id)
+        responses = self.tokenizer.batch_decode([c.response_ids for c in completions], skip_special_tokens=True)
+        reward = self.rewards[self._reward_turn % len(self.rewards)]
+        self._reward_turn += 1
+        ref_ref = self.reference.logprobs.remote(batch)
+        reward_ref = reward.score.remote(prompts, responses, columns, batch if self.cfg.model.reward else None)
+        with self._policy_lock:
+            policy_out = _even_rows(batch, self.policy.num_ranks, lambda b: self.policy.forward_logprobs(b, with_entropy=True))
+        values = None
+        if self.critic is not None:
+            with self._critic_lock:
+                values = _even_rows(batch, self.critic.num_ranks, self.critic.forward_values)
+        return {
+            "ref_logp": ray.get(ref_ref), "logp": policy_out["logp"], "entropy": policy_out.get("entropy"),
+            "values": values, "scores": ray.get(reward_ref),
+        }
+
+    # -------------------------------------------------------------------------- weight sync
+    def sync_weights(self, version: int, verify: bool) -> None:
+        """Stream the policy's weights bucket by bucket into every worker, then (optionally) prove equality.
+
+        Buckets are pipelined: workers load bucket k while the trainer gathers bucket k + 1.
+        """
+        workers = self.rollout_workers
+        ray.get([w.begin_weight_update.remote() for w in workers])
+        loads = []
+        bucket_bytes = self.cfg.servers.weight_sync_bucket_mb * 1024 * 1024
+        with self._policy_lock:
+            for bucket_ref in self.policy.iter_weight_buckets(bucket_bytes, self.sync_dtype):
+                loads += [w.load_weights.remote(bucket_ref) for w in workers]
+            self.policy.finish_weight_stream()
+            ray.get(loads)
+        ray.get([w.finish_weight_update.remote(version) for w in workers])
+        if verify:
+            self.verify_weights()
+
+    def verify_weights(self) -> None:
+        """Raise WeightSyncError unless every worker's per-tensor checksums equal the trainer's."""
+        with self._policy_lock:
+            expected = self.policy.checksums(self.sync_dtype)
+        for worker, actual in zip(self.rollout_workers, ray.get([w.checksums.remote() for w in self.rollout_workers]), strict=True):
+            bad = checksum_mismatches(expected, actual)
+            if bad:
+                raise WeightSyncError(f"{len(bad)} tensors differ after the weight sync, e.g. {bad[:3]} on {worker}")
+
+    # --------------------------------------------------------------------------- checkpoints
+    def save_trainers(self, folder: Path) -> None:
+        self.policy.save_checkpoint(str(folder / "policy"), "state")
+        if self.critic is not None:
+            self.critic.save_checkpoint(str(folder / "critic"), "state")
+
+    def load_trainers(self, folder: Path) -> None:
+        self.policy.load_checkpoint(str(folder / "policy"), "state")
+        if self.critic is not None:
+            self.critic.load_checkpoint(str(folder / "critic"), "state")
+
+    # --------------------------------------------------------------------------------- ptx
+    def ptx_batch(self, n: int) -> dict[str, torch.Tensor]:
+        """`n` pretraining texts as a packed sub-batch with keys prefixed `ptx_` (PPO-ptx)."""
+        if self._ptx is None:
+            from rayrlhf.data.datasets import PromptDataset, load_rows
+
+            rows = load_rows(self.cfg.data.pretrain, "text")
+            ids = [self.tokenizer(r["text"], add_special_tokens=False)["input_ids"][: self.cfg.data.max_prompt_tokens] for r in rows]
+            self._ptx = PromptDataset(rows, ids, seed=self.cfg.seed + 1)
+        picked = [self._ptx.prompt_ids[i] for i in self._ptx.next_batch(n)]
+        # The first token has nothing to be predicted from: it stands as the "prompt".
+        packed = pack_batch([ids[:1] for ids in picked], [ids[1:] for ids in picked], self.tokenizer.pad_token_id)
+        return {f"ptx_{k}": v for k, v in packed.items()}
+
+    def shutdown(self) -> None:
+        for group in (self.policy, self.critic):
+            if group is not None:
+                group.shutdown()
+        for actor in [*self.rollout_workers, self.reference, *self.rewards]:
+            ray.kill(actor)
