@@ -26,7 +26,7 @@ def ray_local() -> Iterator[None]:
     """A real local Ray; logical CPUs exceed the 2 physical cores so small actors can share them."""
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=True)
     try:
         yield
     finally:

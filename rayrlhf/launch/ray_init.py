@@ -38,6 +38,7 @@ def connect(cfg: JobConfig) -> str:
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(logical_cpus_needed(cfg) + 0.999))
     log.info("starting an embedded local Ray (%d logical CPUs)", num_cpus)
     ray.init(
+        address="local",  # always a new instance: a bare ray.init() would join a `ray start` cluster on this machine
         num_cpus=num_cpus,
         include_dashboard=cfg.ray.include_dashboard,
         dashboard_host=cfg.ray.dashboard_host,
