@@ -15,7 +15,7 @@ from rayrlhf.actors.rollout import create_rollout_workers
 from rayrlhf.actors.scorers import RemoteReferenceServer, RemoteRewardServer
 from rayrlhf.actors.trainer_group import TrainerGroup
 from rayrlhf.actors.types import Completion
-from rayrlhf.actors.weights import checksum_mismatches
+from rayrlhf.actors.weight_sync import broadcast_weights, verify_weights
 from rayrlhf.config import JobConfig
 from rayrlhf.models.forward import pack_batch
 from rayrlhf.models.loading import load_tokenizer, resolve_dtype
@@ -35,10 +35,6 @@ def _even_rows(batch: dict[str, torch.Tensor], ranks: int, call: Any) -> Any:
     if isinstance(out, dict):
         return {k: v[:rows] for k, v in out.items()}
     return out[:rows]
-
-
-class WeightSyncError(RuntimeError):
-    """A rollout worker's weights differ from the trainer's after a sync."""
 
 
 class System:
@@ -114,31 +110,12 @@ class System:
 
     # -------------------------------------------------------------------------- weight sync
     def sync_weights(self, version: int, verify: bool) -> None:
-        """Stream the policy's weights bucket by bucket into every worker, then (optionally) prove equality.
-
-        Buckets are pipelined: workers load bucket k while the trainer gathers bucket k + 1.
-        """
-        workers = self.rollout_workers
-        ray.get([w.begin_weight_update.remote() for w in workers])
-        loads = []
+        """Push the policy's weights into every rollout worker as `version`; optionally prove equality."""
         bucket_bytes = self.cfg.servers.weight_sync_bucket_mb * 1024 * 1024
         with self._policy_lock:
-            for bucket_ref in self.policy.iter_weight_buckets(bucket_bytes, self.sync_dtype):
-                loads += [w.load_weights.remote(bucket_ref) for w in workers]
-            self.policy.finish_weight_stream()
-            ray.get(loads)
-        ray.get([w.finish_weight_update.remote(version) for w in workers])
-        if verify:
-            self.verify_weights()
-
-    def verify_weights(self) -> None:
-        """Raise WeightSyncError unless every worker's per-tensor checksums equal the trainer's."""
-        with self._policy_lock:
-            expected = self.policy.checksums(self.sync_dtype)
-        for worker, actual in zip(self.rollout_workers, ray.get([w.checksums.remote() for w in self.rollout_workers]), strict=True):
-            bad = checksum_mismatches(expected, actual)
-            if bad:
-                raise WeightSyncError(f"{len(bad)} tensors differ after the weight sync, e.g. {bad[:3]} on {worker}")
+            broadcast_weights(self.policy, self.rollout_workers, version, bucket_bytes, self.sync_dtype)
+            if verify:
+                verify_weights(self.policy, self.rollout_workers, self.sync_dtype)
 
     # --------------------------------------------------------------------------- checkpoints
     def save_trainers(self, folder: Path) -> None:
