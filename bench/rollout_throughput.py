@@ -1,0 +1,89 @@
+"""Rollout throughput: tokens/s through the RolloutWorker actor (streaming) versus raw
+`vllm.LLM.generate` on the same prompts, model and sampling settings, in the same run.
+
+    python bench/rollout_throughput.py [--prompts 256] [--max-new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from common import build_model, machine, num_params, result
+
+
+def prompts_for(tokenizer, n: int) -> list[list[int]]:
+    letters = "abcdefgh"
+    return [tokenizer(f"sort: {letters[i % 8]}{letters[(3 * i) % 8]}{letters[(5 * i + 1) % 8]}", add_special_tokens=False)["input_ids"] for i in range(n)]
+
+
+def raw_vllm(model: Path, prompt_ids: list[list[int]], max_new: int, max_len: int) -> tuple[float, int]:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=str(model), dtype="float32", gpu_memory_utilization=0.2, max_model_len=max_len, seed=0, enforce_eager=True)
+    params = SamplingParams(temperature=1.0, max_tokens=max_new, logprobs=0, seed=1)
+    llm.generate([TokensPrompt(prompt_token_ids=prompt_ids[0])], params, use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    del llm
+    gc.collect()
+    return elapsed, tokens
+
+
+def through_actor(model: Path, prompt_ids: list[list[int]], max_new: int, max_len: int) -> tuple[float, int]:
+    import ray
+
+    from rayrlhf.actors.rollout import create_rollout_workers
+    from rayrlhf.actors.types import GenerationRequest, SamplingSpec
+    from rayrlhf.config import ModelConfig, RolloutConfig
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    try:
+        cfg = RolloutConfig(backend="vllm", num_workers=1, dtype="float32", max_new_tokens=max_new, num_cpus=1)
+        [worker] = create_rollout_workers(model, cfg, ModelConfig(dtype="float32"), seed=0, max_model_len=max_len)
+        spec = SamplingSpec(temperature=1.0, max_new_tokens=max_new, seed=1)
+        warm = [GenerationRequest("warm", prompt_ids[0], spec)]
+        for ref in worker.generate.options(num_returns="streaming").remote(warm):
+            ray.get(ref)
+        requests = [GenerationRequest(f"r{i}", p, spec) for i, p in enumerate(prompt_ids)]
+        start = time.perf_counter()
+        tokens = 0
+        for ref in worker.generate.options(num_returns="streaming").remote(requests):
+            tokens += len(ray.get(ref).response_ids)
+        elapsed = time.perf_counter() - start
+        ray.kill(worker)
+        return elapsed, tokens
+    finally:
+        ray.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "rayrlhf-bench-30m")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    model = build_model(args.model_dir, hidden=512, layers=8, intermediate=1536, heads=8)
+    from transformers import AutoTokenizer
+
+    prompt_ids = prompts_for(AutoTokenizer.from_pretrained(str(model)), args.prompts)
+    max_len = 32 + args.max_new_tokens
+    raw_s, raw_tokens = raw_vllm(model, prompt_ids, args.max_new_tokens, max_len)
+    actor_s, actor_tokens = through_actor(model, prompt_ids, args.max_new_tokens, max_len)
+    raw_tps, actor_tps = raw_tokens / raw_s, actor_tokens / actor_s
+    print(f"model: {num_params(model) / 1e6:.1f}M parameters; {args.prompts} prompts x {args.max_new_tokens} new tokens; {machine()}")
+    print(f"raw vllm.LLM.generate: {raw_tokens} tokens in {raw_s:.2f} s = {raw_tps:.0f} tok/s")
+    print(f"RolloutWorker actor:   {actor_tokens} tokens in {actor_s:.2f} s = {actor_tps:.0f} tok/s")
+    result("rollout_tokens_per_s", actor_tps, raw_tps, unit="tok/s", baseline_name="raw vllm.LLM.generate")
+
+
+if __name__ == "__main__":
+    main()
