@@ -15,14 +15,21 @@ def run_job(cfg: JobConfig, resume: bool = False) -> Path:
     """Run `cfg` to completion and return the folder of the final model."""
     import ray
 
+    offline = None
+    if not cfg.algorithm.is_online:
+        from rayrlhf.orchestrator.offline import OfflineTrainer
+
+        offline = OfflineTrainer(cfg, resume=resume)  # reads and checks the data before Ray starts
     mode = connect(cfg)
     try:
-        if cfg.algorithm.is_online:
-            from rayrlhf.orchestrator.online import OnlineRL
+        if offline is not None:
+            try:
+                return offline.run()
+            finally:
+                offline.shutdown()
+        from rayrlhf.orchestrator.online import OnlineRL
 
-            job = OnlineRL(cfg, resume=resume)
-        else:
-            raise NotImplementedError(f"algorithm.name={cfg.algorithm.name} (offline training) is not available yet")
+        job = OnlineRL(cfg, resume=resume)
         try:
             return job.run()
         finally:
