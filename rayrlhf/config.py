@@ -169,6 +169,15 @@ class RayConfig(Section):
     dashboard_host: str = Field("127.0.0.1", description="Dashboard bind address of the embedded Ray; localhost by default.")
 
 
+class LoggingConfig(Section):
+    ray_metrics: bool = Field(True, description="Export step metrics through ray.util.metrics (node Prometheus endpoint, dashboard Metrics view).")
+    in_flight_poll_s: float = Field(2.0, ge=0, description="How often the driver samples in-flight samples per rollout worker for the metrics, s (0 disables).")
+    tensorboard: bool = Field(False, description="Write TensorBoard event files to output_dir/tensorboard (needs the tensorboard package).")
+    wandb_project: str | None = Field(None, description="Weights & Biases project; null disables. The API key is read only from WANDB_API_KEY.")
+    wandb_entity: str | None = Field(None, description="Weights & Biases entity (team or user); default: the key's default entity.")
+    run_name: str | None = Field(None, description="Run name for metric tags, TensorBoard and W&B; default: the last part of output_dir.")
+
+
 class JobConfig(Section):
     seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
     output_dir: str = Field("outputs/run", description="Where config.yaml, metrics.jsonl, checkpoints/ and final/ go.")
@@ -182,6 +191,7 @@ class JobConfig(Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Steps and batch sizes.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray connection.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics export: Ray metrics, TensorBoard, W&B.")
 
     @property
     def samples_per_step(self) -> int:

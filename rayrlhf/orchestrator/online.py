@@ -29,6 +29,7 @@ from rayrlhf.orchestrator.experience import compute_advantages, kl_per_sequence,
 from rayrlhf.orchestrator.metrics import MetricsWriter, progress
 from rayrlhf.orchestrator.rollout import stream_rollouts
 from rayrlhf.orchestrator.system import System
+from rayrlhf.orchestrator.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,9 @@ class OnlineRL:
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(to_yaml(cfg))
+        self.telemetry = Telemetry(cfg)  # before the actors: a missing tensorboard/wandb fails fast
         self.system = System(cfg)
+        self.telemetry.watch_rollout(self.system.rollout_workers)
         self.tokenizer = self.system.tokenizer
         self.data = load_prompts(
             cfg.data.train, self.tokenizer, cfg.data.max_prompt_tokens, cfg.data.overlong_prompts,
@@ -72,6 +75,7 @@ class OnlineRL:
             while self.step < cfg.schedule.steps:
                 row = self.train_step()
                 self.metrics.write(row)
+                self.telemetry.record(row)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(reward=f"{row['reward/mean']:.3f}", kl=f"{row['kl/mean']:.4f}")
@@ -90,6 +94,7 @@ class OnlineRL:
             if bar is not None:
                 bar.close()
             self.metrics.close()
+            self.telemetry.close()
 
     def train_step(self) -> dict[str, Any]:
         cfg, algo = self.cfg, self.cfg.algorithm
