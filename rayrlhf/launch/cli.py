@@ -46,6 +46,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Submit a job to a Ray cluster through the Jobs API (rayrlhf/launch/submit.py)."""
+    from rayrlhf.launch.submit import SubmitError, run_submit
+
+    try:
+        return run_submit(
+            args.config, args.overrides, args.address, args.working_dir, args.no_working_dir, args.excludes,
+            args.follow, args.submission_id,
+        )
+    except SubmitError as exc:
+        sys.stderr.write(f"rayrlhf: {exc}\n")
+        return EXIT_FAILURE
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayrlhf", description="Distributed RLHF on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -58,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/latest")
     train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     train.set_defaults(func=cmd_train)
+    submit = sub.add_parser("submit", help="submit a job to a Ray cluster through the Jobs API")
+    _add_config_args(submit)
+    submit.add_argument("--address", help="the cluster's dashboard, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS)")
+    submit.add_argument("--follow", action="store_true", help="stream the job's logs; exit 0 if it succeeds, 1 otherwise")
+    wd = submit.add_mutually_exclusive_group()
+    wd.add_argument("--working-dir", help="directory uploaded as the job's working directory (default: the current one)")
+    wd.add_argument("--no-working-dir", action="store_true", help="upload only the config; run the cluster's installed rayrlhf")
+    submit.add_argument(
+        "--exclude", dest="excludes", action="append", default=[], metavar="PATTERN",
+        help="gitignore-style pattern left out of the upload, besides .venv/, outputs/, checkpoints/, ... (repeatable)",
+    )
+    submit.add_argument("--submission-id", help="job id to use (default: rayrlhf-<algorithm>-<time>-<random>)")
+    submit.set_defaults(func=cmd_submit)
     return parser
 
 
