@@ -1,0 +1,307 @@
+"""Running on a Ray cluster: `rayrlhf submit` through the Jobs API, token auth, named actors,
+Prometheus metrics, and independent scaling of rollout workers and trainer ranks.
+
+The cluster tests start their own Ray head (`ray start --head --block`) on free ports with a
+private --temp-dir and token authentication on, so they never touch another Ray instance on
+this machine: the head is stopped by signalling the processes of its own session, never with
+`ray stop` (which stops every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from rayrlhf.config import load_config
+from rayrlhf.launch.submit import STAGE_DIR, auth_headers, find_auth_token
+from rayrlhf.orchestrator.telemetry import metric_names
+
+ROOT = Path(__file__).resolve().parents[1]
+GRPO = ROOT / "cluster_configs" / "local-cpu" / "grpo.yaml"
+BIN = Path(sys.executable).parent
+RAYRLHF = str(BIN / "rayrlhf")
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Processes whose session id is `sid`: everything the head we started spawned, and nothing else."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid:
+                    pids.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return pids
+
+
+def _get(url: str, headers: dict[str, str] | None = None, timeout: float = 5.0) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
+@dataclass
+class Head:
+    dashboard: str
+    metrics_url: str
+    env: dict[str, str]  # a client environment holding the token file path (RAY_AUTH_MODE unset)
+    token_file: Path
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token_file.read_text()}"}
+
+
+@pytest.fixture(scope="class")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
+    """A real single-node Ray cluster with token auth, started and stopped by this fixture only."""
+    # A short temp dir: Ray's unix sockets live under it and their paths are limited to 107 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rrl-", dir="/tmp"))
+    token_file = tmp_path_factory.mktemp("auth") / "auth_token"
+    token_file.write_text(secrets.token_hex(16))
+    token_file.chmod(0o600)
+    gcs, dash, metrics, client, agent, agent_grpc, env_agent, node_mgr, obj_mgr = _free_ports(9)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    base["PATH"] = f"{BIN}{os.pathsep}{base.get('PATH', '')}"  # the cluster's nodes have rayrlhf installed
+    env = {
+        **base,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token_file),
+        "RAY_metrics_report_interval_ms": "1000",  # export every second (default 10 s): the test job is short
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    cmd = [
+        str(BIN / "ray"), "start", "--head", "--block", f"--temp-dir={temp_dir}", "--num-cpus=8",
+        f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+        f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={env_agent}", f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
+        "--min-worker-port=0", "--max-worker-port=0",
+    ]
+    log_path = temp_dir / "head.log"
+    with log_path.open("w") as log_fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=log_fh, stderr=subprocess.STDOUT, start_new_session=True)
+    dashboard = f"http://127.0.0.1:{dash}"
+    auth = {"Authorization": f"Bearer {token_file.read_text()}"}  # the fixture's own readiness probe
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if _get(f"{dashboard}/api/jobs/", auth)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Ray head did not come up in 180 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        client_env = {**base, "RAY_AUTH_TOKEN_PATH": str(token_file)}
+        yield Head(dashboard, f"http://127.0.0.1:{metrics}/metrics", client_env, token_file)
+    finally:
+        # `ray start --block` stops what it started on SIGTERM; stragglers of its session get SIGKILL.
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        deadline = time.monotonic() + 20
+        while _session_pids(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for pid in _session_pids(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+class MetricsScraper(threading.Thread):
+    """Scrapes the node's Prometheus endpoint every 0.5 s and keeps the last value of each rayrlhf series."""
+
+    LINE = re.compile(r"^(ray_rayrlhf_\w+)(\{[^}]*\})?\s+(\S+)$")
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.seen: dict[str, float] = {}  # name -> max value seen
+        self.labels: dict[str, str] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                _, text = _get(self.url, timeout=3)
+                for line in text.splitlines():
+                    m = self.LINE.match(line)
+                    if m:
+                        name, labels, value = m.groups()
+                        self.seen[name] = max(self.seen.get(name, float("-inf")), float(value))
+                        self.labels[name] = labels or ""
+            except OSError:
+                pass
+            self.stop.wait(0.5)
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_submit_rejects_an_invalid_config_before_contacting_a_cluster() -> None:
+    proc = _run(
+        [RAYRLHF, "submit", str(GRPO), "--address", "http://127.0.0.1:9", "--set", "rollout.num_worker=2"], dict(os.environ), 60
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "rollout.num_worker: unknown key (did you mean 'num_workers'?)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_token_lookup_follows_rays_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "tok"
+    path.write_text("from-file\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    assert find_auth_token() == "from-file"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert auth_headers() == {"Authorization": "Bearer from-env"}
+
+
+@pytest.mark.slow
+class TestCluster:
+    def test_auth_is_on_and_a_wrong_token_is_refused(self, ray_head: Head) -> None:
+        assert _get(f"{ray_head.dashboard}/api/jobs/")[0] == 401  # no token: refused
+        proc = _run(
+            [RAYRLHF, "submit", str(GRPO), "--address", ray_head.dashboard, "--no-working-dir"],
+            {**ray_head.env, "RAY_AUTH_TOKEN": "not-the-token"}, 120,
+        )
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "refused the auth token" in proc.stderr and "Traceback" not in proc.stderr
+
+    def test_ray_job_submit_runs_the_same_entrypoint(self, ray_head: Head) -> None:
+        """`ray job submit -- rayrlhf ...` works too; Ray's own client needs RAY_AUTH_MODE=token to send the token."""
+        env = {**ray_head.env, "RAY_AUTH_MODE": "token", "RAY_API_SERVER_ADDRESS": ray_head.dashboard}
+        proc = _run(
+            [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "rayrlhf", "validate", str(GRPO.relative_to(ROOT)),
+             "--set", "schedule.steps=3"], env, 240,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "steps: 3" in proc.stdout and "succeeded" in proc.stdout + proc.stderr
+
+    def test_submit_follow_runs_a_grpo_job(self, ray_head: Head, tmp_path: Path) -> None:
+        from ray.util.state import StateApiClient
+        from ray.util.state.common import ListApiOptions, StateResource
+
+        out = tmp_path / "run"
+        job_id = f"rayrlhf-test-{secrets.token_hex(4)}"
+        scraper = MetricsScraper(ray_head.metrics_url)
+        scraper.start()
+        try:
+            proc = _run(
+                [RAYRLHF, "submit", str(GRPO), "--address", ray_head.dashboard, "--follow", "--submission-id", job_id,
+                 "--set", "schedule.steps=6", "--set", "rollout.backend=hf", "--set", "rollout.num_workers=2",
+                 "--set", "trainer.policy.num_ranks=1", "--set", f"output_dir={out}",
+                 "--set", "checkpoint.every=0", "--set", "logging.in_flight_poll_s=0.5"],
+                ray_head.env, 600,
+            )
+        finally:
+            # Counters outlive the driver; give its last export (every second here) a moment to land.
+            deadline = time.monotonic() + 10
+            while scraper.seen.get("ray_rayrlhf_steps_total", 0) < 6 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            scraper.stop.set()
+            scraper.join()
+        assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+        assert f"submitted job {job_id}" in proc.stdout
+        assert f"{ray_head.dashboard}/#/jobs/{job_id}" in proc.stdout
+        assert "step 6/6" in proc.stdout  # the job's own log, streamed
+        assert f"job {job_id}: SUCCEEDED" in proc.stdout
+        assert not (ROOT / STAGE_DIR).exists(), "the staged config must be removed after the upload"
+
+        # The job ran the resolved config and wrote its outputs.
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+        assert load_config(out / "config.yaml").schedule.steps == 6
+        assert (out / "final" / "config.json").exists()
+
+        # The actors read like the system diagram in the dashboard's actor list, and their counts
+        # follow the config: 2 rollout workers, 1 policy rank (the opposite split is tested below).
+        client = StateApiClient(ray_head.dashboard, headers={**ray_head.auth, "Content-Type": "application/json"})
+        actors = client.list(StateResource.ACTORS, options=ListApiOptions(limit=1000, detail=True), raise_on_missing_output=False)
+        names = {a.name: a.class_name for a in actors if a.name}
+        assert {n: c for n, c in names.items() if n.startswith(("rollout-", "policy-", "critic-"))} == {
+            "rollout-0": "RolloutWorker", "rollout-1": "RolloutWorker", "policy-0": "TrainerRank",
+        }
+        assert names.get("reference") == "ReferenceServer" and names.get("reward-0") == "RewardServer"
+
+        # The project's metrics reached the node's Prometheus endpoint while the job ran.
+        expected = {
+            "ray_rayrlhf_step", "ray_rayrlhf_weight_version", "ray_rayrlhf_reward_mean", "ray_rayrlhf_kl_mean",
+            "ray_rayrlhf_throughput_tokens_per_s", "ray_rayrlhf_phase_seconds", "ray_rayrlhf_rollout_in_flight",
+            "ray_rayrlhf_steps_total", "ray_rayrlhf_samples_total",
+        }
+        missing = expected - set(scraper.seen)
+        assert not missing, f"not scraped: {sorted(missing)}; seen: {sorted(scraper.seen)}"
+        assert {f"ray_{n}" for n in metric_names()} >= expected - {"ray_rayrlhf_steps_total", "ray_rayrlhf_samples_total"}
+        assert scraper.seen["ray_rayrlhf_step"] >= 1 and scraper.seen["ray_rayrlhf_weight_version"] >= 1
+        assert scraper.seen["ray_rayrlhf_steps_total"] == 6
+        assert 'algorithm="grpo"' in scraper.labels["ray_rayrlhf_step"] and 'run="run"' in scraper.labels["ray_rayrlhf_step"]
+
+
+@pytest.mark.slow
+def test_rollout_workers_and_trainer_ranks_scale_independently(ray_local: None, tmp_path: Path) -> None:
+    """1 rollout worker and 2 policy ranks here; the cluster job above runs the opposite split (2 and 1)."""
+    import ray
+
+    workers, ranks = 1, 2
+
+    from rayrlhf.orchestrator.system import System
+
+    cfg = load_config(GRPO, [
+        f"rollout.num_workers={workers}", f"trainer.policy.num_ranks={ranks}", "rollout.backend=hf",
+        f"output_dir={tmp_path}",
+    ])
+    ours = {f"rollout-{i}" for i in range(4)} | {f"policy-{i}" for i in range(4)} | {"reference", "reward-0"}
+    system = System(cfg)
+    try:
+        alive = set(ray.util.list_named_actors()) & ours
+        assert alive == {f"rollout-{i}" for i in range(workers)} | {f"policy-{i}" for i in range(ranks)} | {"reference", "reward-0"}
+        assert len(system.rollout_workers) == workers and system.policy.num_ranks == ranks
+    finally:
+        system.shutdown()
+    deadline = time.monotonic() + 60  # the names are released once the actors are gone
+    while set(ray.util.list_named_actors()) & ours and time.monotonic() < deadline:
+        time.sleep(0.5)
