@@ -177,6 +177,46 @@ class MetricsScraper(threading.Thread):
             self.stop.wait(0.5)
 
 
+GPU_2X8 = ROOT / "cluster_configs" / "gpu-2x8"
+
+
+def _gpus_needed(cfg) -> float:
+    total = cfg.rollout.num_workers * cfg.rollout.num_gpus + cfg.trainer.policy.num_ranks * cfg.trainer.policy.num_gpus
+    if cfg.algorithm.name == "ppo":
+        total += cfg.trainer.critic.num_ranks * cfg.trainer.critic.num_gpus
+    return total + cfg.servers.reference_num_gpus + cfg.reward.num_workers * cfg.servers.reward_num_gpus
+
+
+@pytest.mark.parametrize("name", ["ppo.yaml", "grpo.yaml"])
+def test_gpu_job_configs_fit_two_nodes_of_eight(name: str) -> None:
+    cfg = load_config(GPU_2X8 / name)
+    assert _gpus_needed(cfg) <= 16
+    assert cfg.rollout.num_gpus == cfg.rollout.tensor_parallel_size <= 8  # one engine's GPUs on one node
+    assert Path(cfg.output_dir).is_absolute()  # shared storage, not the job's temporary working dir
+
+
+def test_cluster_manifests_keep_token_auth_and_run_a_shipped_config() -> None:
+    import yaml
+
+    job = yaml.safe_load((GPU_2X8 / "rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and "algorithm" not in job
+    entry = job["spec"]["entrypoint"].split()
+    assert entry[:2] == ["rayrlhf", "train"]
+    load_config(ROOT / entry[2].removeprefix("/home/ray/rayrlhf/"))  # the image's copy of a shipped config
+    spec = job["spec"]["rayClusterSpec"]
+    containers = [spec["headGroupSpec"]["template"]["spec"]["containers"][0]]
+    containers += [g["template"]["spec"]["containers"][0] for g in spec["workerGroupSpecs"]]
+    containers += job["spec"]["submitterPodTemplate"]["spec"]["containers"]
+    for c in containers:
+        assert {"name": "RAY_AUTH_MODE", "value": "token"} in c["env"], c["name"]
+    assert sum(g["replicas"] for g in spec["workerGroupSpecs"]) + 1 == 2
+    launcher = yaml.safe_load((GPU_2X8 / "cluster.yaml").read_text())
+    assert "algorithm" not in launcher and launcher["provider"]["type"] in ("aws", "gcp")
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = " ".join(launcher[key])
+        assert "RAY_AUTH_MODE=token ray start" in start and "--metrics-export-port=8080" in start
+
+
 def _run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
