@@ -37,6 +37,20 @@ def _even_rows(batch: dict[str, torch.Tensor], ranks: int, call: Any) -> Any:
     return out[:rows]
 
 
+def _wait_names_free(names: list[str], timeout_s: float = 15.0) -> None:
+    """Wait until killed named actors are gone, so the next job in this namespace can reuse the names."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    for name in names:
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(name)
+            except ValueError:
+                break
+            time.sleep(0.1)
+
+
 class System:
     """Rollout workers, policy (and critic) trainer groups, the reference and the reward servers."""
 
@@ -52,7 +66,7 @@ class System:
         log.info("creating %d rollout worker(s) (%s)", cfg.rollout.num_workers, cfg.rollout.backend)
         self.rollout_workers = create_rollout_workers(
             self.policy_path, cfg.rollout, cfg.model, cfg.seed,
-            max_prompt_tokens=cfg.data.max_prompt_tokens,
+            max_prompt_tokens=cfg.data.max_prompt_tokens, wait=False,  # engines start while the trainers do
         )
         log.info("creating the policy trainer group (%d rank(s), ZeRO-%d)", cfg.trainer.policy.num_ranks, cfg.trainer.zero_stage)
         self.policy = TrainerGroup.from_config(cfg, "policy", self.policy_path, steps)
@@ -148,3 +162,4 @@ class System:
                 group.shutdown()
         for actor in [*self.rollout_workers, self.reference, *self.rewards]:
             ray.kill(actor)
+        _wait_names_free([f"rollout-{i}" for i in range(len(self.rollout_workers))] + ["reference"])
