@@ -345,3 +345,29 @@ def test_rollout_workers_and_trainer_ranks_scale_independently(ray_local: None, 
     deadline = time.monotonic() + 60  # the names are released once the actors are gone
     while set(ray.util.list_named_actors()) & ours and time.monotonic() < deadline:
         time.sleep(0.5)
+
+
+@pytest.mark.parametrize(("override", "package"), [("logging.tensorboard=true", "tensorboard"), ("logging.wandb_project=demo", "wandb")])
+def test_optional_loggers_fail_fast_naming_the_key(tmp_path: Path, override: str, package: str) -> None:
+    import importlib.util
+
+    from rayrlhf.config import ConfigError
+    from rayrlhf.orchestrator.telemetry import Telemetry
+
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed")
+    cfg = load_config(GRPO, [override, "logging.ray_metrics=false", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=rf"logging\.\w+.*needs the '{package}' package"):
+        Telemetry(cfg)
+
+
+def test_telemetry_records_a_row_without_errors(ray_local: None, tmp_path: Path) -> None:
+    from rayrlhf.orchestrator.telemetry import Telemetry
+
+    telemetry = Telemetry(load_config(GRPO, [f"output_dir={tmp_path / 'tele'}"]))
+    row = {"step": 1, "weight_version": 1, "reward/mean": 0.5, "kl/mean": float("nan"), "timing/step_s": 1.0,
+           "rollout/backend": "hf", "policy/clipfrac": 0.1, "reward/failed": 2}
+    telemetry.record(row, in_flight={"rollout-0": 3})
+    telemetry.close()
+    assert telemetry.ray is not None and not telemetry._failed
+    assert telemetry.run_name == "tele"
