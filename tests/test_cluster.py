@@ -96,7 +96,13 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
     token_file.chmod(0o600)
     gcs, dash, metrics, client, agent, agent_grpc, env_agent, node_mgr, obj_mgr = _free_ports(9)
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    base["PATH"] = f"{BIN}{os.pathsep}{base.get('PATH', '')}"  # the cluster's nodes have rayrlhf installed
+    # The cluster's nodes have the `rayrlhf` command. Only it is added to PATH, not all of the
+    # virtualenv's bin/: another `ninja` there would make DeepSpeed rebuild its JIT ops, which
+    # this machine's other processes build with the PATH's ninja (their build logs disagree).
+    shim = temp_dir / "bin"
+    shim.mkdir()
+    (shim / "rayrlhf").symlink_to(BIN / "rayrlhf")
+    base["PATH"] = f"{shim}{os.pathsep}{base.get('PATH', '')}"
     env = {
         **base,
         "RAY_AUTH_MODE": "token",
