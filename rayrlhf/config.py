@@ -113,6 +113,7 @@ class RolloutConfig(Section):
     max_model_len: int | None = Field(None, ge=16, description="Engine context length; default max_prompt_tokens + max_new_tokens.")
     enforce_eager: bool = Field(True, description="Disable CUDA graphs in vLLM (faster start, slower decode).")
     micro_batch_size: int = Field(8, ge=1, description="Completions per scoring micro-batch streamed to the scorers.")
+    max_num_seqs: int | None = Field(None, ge=1, description="Sequences an engine decodes at once (vLLM max_num_seqs); null: engine default.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per rollout worker actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per rollout worker actor (tensor_parallel_size on GPU clusters).")
 

@@ -178,6 +178,7 @@ class VLLMEngine:
         tensor_parallel_size: int = 1,
         enforce_eager: bool = True,
         trust_remote_code: bool = False,
+        max_num_seqs: int | None = None,
     ) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process
         try:
@@ -202,6 +203,7 @@ class VLLMEngine:
             trust_remote_code=trust_remote_code,
             logprobs_mode="processed_logprobs",
             disable_log_stats=True,
+            **({"max_num_seqs": max_num_seqs} if max_num_seqs else {}),
         )
         self._engine = LLMEngine.from_engine_args(args)
         self._tensor_parallel_size = tensor_parallel_size

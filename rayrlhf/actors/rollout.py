@@ -220,8 +220,10 @@ def _engine_kwargs(
             "gpu_memory_utilization": rollout_cfg.gpu_memory_utilization,
             "tensor_parallel_size": rollout_cfg.tensor_parallel_size,
             "enforce_eager": rollout_cfg.enforce_eager,
+            "max_num_seqs": rollout_cfg.max_num_seqs,
         }
-    return {**common, "device": "cuda" if rollout_cfg.num_gpus > 0 else "cpu"}
+    hf = {**common, "device": "cuda" if rollout_cfg.num_gpus > 0 else "cpu"}
+    return {**hf, "max_batch_size": rollout_cfg.max_num_seqs} if rollout_cfg.max_num_seqs else hf
 
 
 def create_rollout_workers(
