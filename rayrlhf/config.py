@@ -148,6 +148,7 @@ class ServersConfig(Section):
     reward_num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per reward server (a reward model on GPU).")
     micro_batch_size: int = Field(16, ge=1, description="Rows per forward pass in the reference and reward servers.")
     weight_sync_bucket_mb: int = Field(256, ge=1, description="Size of the buckets the weights travel in during a sync, MiB.")
+    weight_sync_backend: Literal["object_store", "collective"] = Field("object_store", description="Weight sync transport: the object store (zero-copy on a node), or a broadcast group from policy rank 0 (gloo; NCCL on GPU clusters).")
 
 
 class ScheduleConfig(Section):

@@ -86,3 +86,21 @@ def test_sampling_logprobs_agree_with_the_trainer(setup) -> None:
     assert max(diffs) < 1e-3
     # Meaningful only if the policy is not collapsed onto one token.
     assert sum(sum(c.logprobs) for c in completions) / sum(len(c.logprobs) for c in completions) < -1.0
+
+
+def test_collective_sync_over_gloo(setup) -> None:
+    """The broadcast-group transport (gloo on CPU) from the same ZeRO-3 x2 policy, twice on one group."""
+    group, workers, prompts, tok = setup
+    batch = pack_batch(prompts, [tok("bbbb", add_special_tokens=False)["input_ids"]] * 4, tok.pad_token_id)
+    for version in (2, 3):
+        group.train_step(batch, "sft", {})
+        with pytest.raises(WeightSyncError, match="differ from the trainer"):
+            verify_weights(group, workers, "float32")
+        sent = broadcast_weights(group, workers, version, bucket_bytes=32 * 1024, dtype="float32", backend="collective")
+        assert sent == len(group.checksums("float32"))  # one broadcast per tensor
+        verify_weights(group, workers, "float32")
+        assert ray.get([w.weight_version.remote() for w in workers]) == [version, version]
+    assert group._weight_group_count == 1  # formed once, reused
+    assert all(c.weight_version == 3 for c in generate(workers[0], prompts, "collective", temperature=0.0))
+    with pytest.raises(ValueError, match="unknown weight sync backend"):
+        broadcast_weights(group, workers, 4, 1024, "float32", backend="carrier-pigeon")

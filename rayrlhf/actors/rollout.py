@@ -62,6 +62,7 @@ class RolloutWorker:
         self._updating = False
         self._failed: BaseException | None = None
         self._version = 0
+        self._weight_group: Any = None
         self._thread = threading.Thread(target=self._loop, name=f"{name}-engine", daemon=True)
         self._thread.start()
         log.info("%s: %s engine started in %.1f s", name, backend, time.perf_counter() - started)
@@ -199,6 +200,64 @@ class RolloutWorker:
                 self._updating = False
                 self._cond.notify_all()
         log.info("%s: weights at version %d", self._name, version)
+
+    # ----- collective transport (see rayrlhf.actors.collective) -------------------------------
+
+    def init_weight_group(self, addr: str, port: int, world_size: int, rank: int, group_name: str,
+                          device: str | None = None) -> None:
+        """Join trainer rank 0's broadcast group as `rank` (blocks until every member has joined).
+
+        The group is on CUDA (NCCL) when this worker has a GPU, else on CPU (gloo).
+        """
+        import torch
+
+        from rayrlhf.actors.collective import WeightGroup
+
+        self.destroy_weight_group()
+        device = device or ("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+        self._weight_group = WeightGroup(addr, port, world_size, rank, group_name, device)
+
+    def destroy_weight_group(self) -> None:
+        group, self._weight_group = self._weight_group, None
+        if group is not None:
+            group.destroy()
+
+    def receive_weights(self, metadata: list[tuple[str, tuple[int, ...], Any]], bucket_bytes: int) -> int:
+        """Receive every tensor of `metadata` in order from root 0 and load them in buckets of ~`bucket_bytes`.
+
+        Call between begin_weight_update and finish_weight_update, while the trainer broadcasts.
+        Returns the number of buckets loaded.
+        """
+        import torch
+
+        from rayrlhf.actors.weights import to_numpy
+
+        group = self._weight_group
+        if group is None:
+            raise RuntimeError(f"{self._name}: receive_weights before init_weight_group")
+        if not self._updating:
+            raise RuntimeError(f"{self._name}: receive_weights called without begin_weight_update")
+        loaded = 0
+        bucket: Bucket = []
+        size = 0
+
+        def flush() -> None:
+            nonlocal bucket, size, loaded
+            with self._engine_lock:
+                self._engine.load_weights(bucket)
+            bucket, size, loaded = [], 0, loaded + 1
+
+        for name, shape, dtype in metadata:
+            tensor = torch.empty(shape, dtype=dtype, device=group.device)
+            group.broadcast(tensor)
+            nbytes = tensor.numel() * tensor.element_size()
+            if bucket and size + nbytes > bucket_bytes:
+                flush()
+            bucket.append((name, to_numpy(tensor)))  # zero-copy for a CPU tensor
+            size += nbytes
+        if bucket:
+            flush()
+        return loaded
 
     def checksums(self) -> dict[str, str]:
         """tensor_checksum of every weight under its HF name (compare with the trainer's)."""

@@ -134,6 +134,7 @@ class TrainerRank:
         self.master_port = master_port or (free_port() if rank == 0 else None)
         self.settings = settings
         self.engine: Any = None
+        self.weight_group: Any = None
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(max(1, int(cpus)))
 
@@ -301,8 +302,19 @@ class TrainerRank:
 
     # ---------------------------------------------------------------- full weights
 
-    def _full_tensors(self, dtype: str | None) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, full tensor) for every parameter and persistent buffer, one module at a time.
+    def _weight_modules(self) -> Iterator[tuple[str, list[tuple[str, Any]], list[tuple[str, torch.Tensor]]]]:
+        """(name prefix, parameters, persistent buffers) per module, in the order the weights travel."""
+        seen: set[int] = set()
+        for mod_name, module in self.engine.module.hf.named_modules():
+            params = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
+            buffers = [(n, b) for n, b in module.named_buffers(recurse=False)
+                       if b is not None and n not in module._non_persistent_buffers_set]
+            seen.update(id(p) for _, p in params)
+            if params or buffers:
+                yield (f"{mod_name}." if mod_name else ""), params, buffers
+
+    def _full_tensors(self, dtype: str | None, device: Any = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor on `device`) for every parameter and persistent buffer, one module at a time.
 
         All ranks must iterate in lockstep: under ZeRO-3 each module's parameters are gathered
         with `GatheredParameters` (every rank joins the all-gather) and copied before the gather
@@ -312,27 +324,58 @@ class TrainerRank:
         import deepspeed
 
         want = resolve_dtype(dtype) if dtype else None
-        hf = self.engine.module.hf
         zero3 = self.engine.zero_optimization_stage() == 3
-        seen: set[int] = set()
-        for mod_name, module in hf.named_modules():
-            prefix = f"{mod_name}." if mod_name else ""
-            params = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
-            buffers = [(n, b) for n, b in module.named_buffers(recurse=False)
-                       if b is not None and n not in module._non_persistent_buffers_set]
-            seen.update(id(p) for _, p in params)
-            if not params and not buffers:
-                continue
+        for prefix, params, buffers in self._weight_modules():
             gathered = deepspeed.zero.GatheredParameters([p for _, p in params]) if zero3 and params else None
             if gathered is not None:
                 gathered.__enter__()
             try:  # copy inside the gather: the gathered storage is released (and reused) on exit
-                out = [(prefix + n, t.detach().to(device="cpu", dtype=want or t.dtype, copy=zero3))
+                out = [(prefix + n, t.detach().to(device=device, dtype=want or t.dtype, copy=zero3))
                        for n, t in params + buffers] if self.rank == 0 else []
             finally:
                 if gathered is not None:
                     gathered.__exit__(None, None, None)
             yield from out
+
+    # ----- collective transport (see rayrlhf.actors.collective)
+
+    def weight_group_address(self) -> tuple[str, int]:
+        """This node's IP and a free port for the weight group's store (rank 0 hosts it)."""
+        return ray.util.get_node_ip_address(), free_port()
+
+    def init_weight_group(self, addr: str, port: int, world_size: int, group_name: str) -> None:
+        """Rank 0 hosts the store and joins the broadcast group as root 0; other ranks do nothing."""
+        from rayrlhf.actors.collective import WeightGroup
+
+        self.destroy_weight_group()
+        if self.rank == 0:
+            self.weight_group = WeightGroup(addr, port, world_size, 0, group_name, self.device)
+
+    def destroy_weight_group(self) -> None:
+        group, self.weight_group = self.weight_group, None
+        if group is not None:
+            group.destroy()
+
+    def weight_metadata(self, dtype: str | None = None) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """[(HF name, full shape, dtype)] in `_full_tensors` order, without gathering (ZeRO-3: `ds_shape`)."""
+        want = resolve_dtype(dtype) if dtype else None
+        return [(prefix + n, tuple(getattr(t, "ds_shape", t.shape)), want or t.dtype)
+                for prefix, params, buffers in self._weight_modules() for n, t in params + buffers]
+
+    def broadcast_weights(self, dtype: str | None = None) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """Every rank joins the gathers; rank 0 broadcasts each full tensor over the weight group.
+
+        Returns what rank 0 sent ([] elsewhere); the workers receive in `weight_metadata` order.
+        """
+        group = self.weight_group
+        if self.rank == 0 and group is None:
+            raise RuntimeError("broadcast_weights before init_weight_group")
+        sent = []
+        for name, tensor in self._full_tensors(dtype, device=self.device):
+            tensor = tensor.contiguous()
+            group.broadcast(tensor)
+            sent.append((name, tuple(tensor.shape), tensor.dtype))
+        return sent
 
     def iter_weight_buckets(self, bucket_bytes: int, dtype: str | None = None) -> Iterator[Bucket]:
         """Stream the full weights as buckets (rank 0 yields; the others only join the gathers).
@@ -408,7 +451,8 @@ class TrainerRank:
         log.info("exported %s to %s (%d shard(s))", self.role, out, n)
 
     def shutdown(self) -> None:
-        """Leave the process group cleanly (a rank that exits inside it aborts with SIGABRT)."""
+        """Leave the weight group and the process group cleanly (a rank that exits inside it aborts with SIGABRT)."""
+        self.destroy_weight_group()
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()

@@ -88,6 +88,8 @@ class TrainerGroup:
             raise ValueError(f"unknown trainer role {role!r}; valid roles are {list(ROLES)}")
         self.role, self.num_ranks, self.settings = role, num_ranks, settings
         self._stream_rest: list[Any] = []
+        self._weight_group_key: tuple[str, ...] | None = None  # the workers the current weight group spans
+        self._weight_group_count = 0
         bundle = {k: v for k, v in {"CPU": num_cpus, "GPU": num_gpus}.items() if v > 0} or {"CPU": 0.01}
         self.pg = placement_group([dict(bundle) for _ in range(num_ranks)], strategy="PACK")
         try:
@@ -228,9 +230,56 @@ class TrainerGroup:
             for ref in gen:
                 ray.get(ref)
 
+    # ---------------------------------------------------------------- collective weight sync
+
+    def setup_weight_group(self, workers: list[Any], timeout_s: float = 300.0) -> None:
+        """Form the broadcast group {rank 0, workers} once; a different worker list forms a new one."""
+        key = tuple(w._actor_id.hex() for w in workers)
+        if self._weight_group_key == key:
+            return
+        self.finish_weight_stream()
+        self._weight_group_key = None
+        addr, port = ray.get(self.actors[0].weight_group_address.remote())
+        self._weight_group_count += 1
+        name = f"{self.actors[0]._actor_id.hex()[:12]}-{self._weight_group_count}"
+        world = 1 + len(workers)
+        refs = [a.init_weight_group.remote(addr, port, world, name) for a in self.actors]
+        refs += [w.init_weight_group.remote(addr, port, world, i + 1, name) for i, w in enumerate(workers)]
+        done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if pending:
+            raise RuntimeError(f"the weight group {addr}:{port} did not form within {timeout_s:.0f}s")
+        ray.get(done)
+        self._weight_group_key = key
+        log.info("weight group %s: policy rank 0 + %d worker(s) via %s:%d", name, len(workers), addr, port)
+
+    def broadcast_weights_collective(
+        self, workers: list[Any], version: int, dtype: str | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    ) -> int:
+        """Push the full weights to `workers` over the broadcast group and set their `weight_version`.
+
+        Returns the number of tensors broadcast. A failure leaves the group unusable: the next
+        call forms a new one (members stuck in the old one wait for its timeout).
+        """
+        self.setup_weight_group(workers)
+        meta = ray.get(self.actors[0].weight_metadata.remote(dtype))
+        ray.get([w.begin_weight_update.remote() for w in workers])
+        try:
+            recvs = [w.receive_weights.remote(meta, bucket_bytes) for w in workers]
+            sends = [a.broadcast_weights.remote(dtype) for a in self.actors]
+            sent = self._wait(sends + recvs)[0]
+        except BaseException:
+            self._weight_group_key = None
+            raise
+        if [(n, tuple(s)) for n, s, _ in sent] != [(n, tuple(s)) for n, s, _ in meta]:
+            self._weight_group_key = None
+            raise RuntimeError(f"{self.role} rank 0 broadcast other tensors than its metadata announced")
+        ray.get([w.finish_weight_update.remote(version) for w in workers])
+        return len(sent)
+
     def shutdown(self, timeout_s: float = 60.0) -> None:
         """Leave the process group on every rank, then kill the actors and free the placement group."""
         self._stream_rest = []
+        self._weight_group_key = None  # the ranks leave it in their shutdown
         if self.actors:
             refs = [a.shutdown.remote() for a in self.actors]
             done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)

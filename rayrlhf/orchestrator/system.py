@@ -127,7 +127,8 @@ class System:
         """Push the policy's weights into every rollout worker as `version`; optionally prove equality."""
         bucket_bytes = self.cfg.servers.weight_sync_bucket_mb * 1024 * 1024
         with self._policy_lock:
-            broadcast_weights(self.policy, self.rollout_workers, version, bucket_bytes, self.sync_dtype)
+            broadcast_weights(self.policy, self.rollout_workers, version, bucket_bytes, self.sync_dtype,
+                              self.cfg.servers.weight_sync_backend)
             if verify:
                 verify_weights(self.policy, self.rollout_workers, self.sync_dtype)
 
