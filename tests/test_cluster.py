@@ -94,7 +94,6 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
     token_file = tmp_path_factory.mktemp("auth") / "auth_token"
     token_file.write_text(secrets.token_hex(16))
     token_file.chmod(0o600)
-    gcs, dash, metrics, client, agent, agent_grpc, env_agent, node_mgr, obj_mgr = _free_ports(9)
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     # The cluster's nodes have the `rayrlhf` command. Only it is added to PATH, not all of the
     # virtualenv's bin/: another `ninja` there would make DeepSpeed rebuild its JIT ops, which
@@ -110,50 +109,71 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
         "RAY_metrics_report_interval_ms": "1000",  # export every second (default 10 s): the test job is short
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    cmd = [
-        str(BIN / "ray"), "start", "--head", "--block", f"--temp-dir={temp_dir}", "--num-cpus=8",
-        f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-        f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
-        f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={env_agent}", f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
-        "--min-worker-port=0", "--max-worker-port=0",
-    ]
-    log_path = temp_dir / "head.log"
-    with log_path.open("w") as log_fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=log_fh, stderr=subprocess.STDOUT, start_new_session=True)
-    dashboard = f"http://127.0.0.1:{dash}"
     auth = {"Authorization": f"Bearer {token_file.read_text()}"}  # the fixture's own readiness probe
+    procs: list[subprocess.Popen] = []
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if _get(f"{dashboard}/api/jobs/", auth)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the Ray head did not come up in 180 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
+        # A free port can be taken by another process before Ray binds it; then `ray start` exits
+        # and the head is started again on new ports.
+        for attempt in range(3):
+            gcs, dash, metrics, client, agent, agent_grpc, env_agent, node_mgr, obj_mgr = _free_ports(9)
+            cmd = [
+                str(BIN / "ray"), "start", "--head", "--block", f"--temp-dir={temp_dir}", "--num-cpus=8",
+                f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+                f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
+                f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                f"--runtime-env-agent-port={env_agent}", f"--node-manager-port={node_mgr}",
+                f"--object-manager-port={obj_mgr}", "--min-worker-port=0", "--max-worker-port=0",
+            ]
+            log_path = temp_dir / f"head-{attempt}.log"
+            with log_path.open("w") as log_fh:
+                procs.append(subprocess.Popen(cmd, env=env, stdout=log_fh, stderr=subprocess.STDOUT, start_new_session=True))
+            dashboard = f"http://127.0.0.1:{dash}"
+            if _wait_for_head(procs[-1], f"{dashboard}/api/jobs/", auth, log_path):
+                break
+            _stop_session(procs[-1])
+        else:
+            raise RuntimeError(f"ray start failed 3 times; the last log:\n{log_path.read_text()[-3000:]}")
         client_env = {**base, "RAY_AUTH_TOKEN_PATH": str(token_file)}
         yield Head(dashboard, f"http://127.0.0.1:{metrics}/metrics", client_env, token_file)
     finally:
-        # `ray start --block` stops what it started on SIGTERM; stragglers of its session get SIGKILL.
+        for proc in procs:
+            _stop_session(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_head(proc: subprocess.Popen, probe: str, auth: dict[str, str], log_path: Path) -> bool:
+    """True once the dashboard answers an authenticated request; False if `ray start` exited."""
+    deadline = time.monotonic() + 180
+    while proc.poll() is None:
+        try:
+            if _get(probe, auth)[0] == 200:
+                return True
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the Ray head did not come up in 180 s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(1)
+    return False
+
+
+def _stop_session(proc: subprocess.Popen) -> None:
+    """Stop one head we started: `ray start --block` stops its children on SIGTERM; stragglers of
+    its session (and only those) get SIGKILL."""
+    if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-        deadline = time.monotonic() + 20
-        while _session_pids(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in _session_pids(proc.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(temp_dir, ignore_errors=True)
+            proc.wait()
+    deadline = time.monotonic() + 20
+    while _session_pids(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in _session_pids(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 class MetricsScraper(threading.Thread):
