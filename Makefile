@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed-stamp
 # with them installed, importing a transformers model fails (operator torchvision::nms does
 # not exist). rayrlhf needs none of them, so they are removed after every install.
 MISMATCHED := torchvision torchaudio torchcodec
+# Every process (and every Ray worker they start) finds the venv's tools first: DeepSpeed JIT-builds
+# its CPU comm op with whichever `ninja` is on PATH, and two different ninjas rebuild it each time.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: setup demo test clean
 
