@@ -5,10 +5,12 @@ letters in alphabetical order. The quality rule `rayrlhf.rewards.tasks.sort_scor
 human labellers, and the data mimics what labellers produce:
 
 * **demonstrations** (SFT rows: prompt, response) are written by hand, so a share of them
-  (`noise`) carries a slip: two letters swapped, one replaced, dropped or doubled. Writing a
-  perfect answer is harder than judging one, which is why InstructGPT goes on to ranking.
+  (`noise`) carries a slip: two neighbouring letters swapped, or a letter dropped or doubled.
+  Writing a perfect answer is harder than judging one, which is why InstructGPT goes on to
+  ranking.
 * **comparisons** (RM / DPO rows: prompt, chosen, rejected) are a correct response and a
-  slipped one, ordered by the rule: `chosen` is always the one the rule scores higher.
+  slipped one (the slips above, or a letter replaced by another), ordered by the rule:
+  `chosen` is always the one the rule scores higher.
 * **held-out prompts** (with their `answer`) measure the rule's score of a model's responses.
 
 `python -m rayrlhf.data.demo_data DIR` regenerates the files checked in under
@@ -25,12 +27,13 @@ from rayrlhf.data.tasks import LETTERS, sort_rows, write_jsonl
 from rayrlhf.rewards.tasks import sort_score
 
 SLIPS = ("swap", "replace", "drop", "double")
+WRITING_SLIPS = ("swap", "drop", "double")
 
 
-def slip(answer: str, rng: random.Random, letters: str = LETTERS) -> str:
-    """`answer` with one labeller slip; always different from `answer`, so the rule scores it lower."""
+def slip(answer: str, rng: random.Random, kinds: tuple[str, ...] = SLIPS, letters: str = LETTERS) -> str:
+    """`answer` with one slip of one of `kinds`; always different from `answer`, so the rule scores it lower."""
     while True:
-        kind, s = rng.choice(SLIPS), list(answer)
+        kind, s = rng.choice(kinds), list(answer)
         if kind == "swap" and len(s) > 1:
             i = rng.randrange(len(s) - 1)
             s[i], s[i + 1] = s[i + 1], s[i]
@@ -52,7 +55,7 @@ def demonstrations(n: int, seed: int, noise: float = 0.2) -> list[dict[str, str]
     rng = random.Random(seed * 7 + 1)
     rows = []
     for row in sort_rows(n, seed):
-        response = slip(row["answer"], rng) if rng.random() < noise else row["answer"]
+        response = slip(row["answer"], rng, WRITING_SLIPS) if rng.random() < noise else row["answer"]
         rows.append({"prompt": row["prompt"], "response": response, "answer": row["answer"]})
     return rows
 

@@ -60,6 +60,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The InstructGPT pipeline (SFT -> reward model -> PPO) on a tiny local model (rayrlhf/launch/demo.py)."""
+    from rayrlhf.launch.demo import DemoSettings, run_demo
+
+    knobs = {k: v for k, v in vars(args).items() if k in DemoSettings.__dataclass_fields__ and v is not None}
+    run_demo(args.output_dir, DemoSettings(**knobs))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayrlhf", description="Distributed RLHF on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -72,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/latest")
     train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
     train.set_defaults(func=cmd_train)
+    demo = sub.add_parser("demo", help="the whole InstructGPT pipeline (SFT -> reward model -> PPO) on a tiny local model")
+    demo.add_argument("--output-dir", default="outputs/demo", help="where the stages and summary.json go (default: %(default)s)")
+    for knob in ("sft_steps", "rm_steps", "ppo_steps", "n_train", "n_eval", "eval_samples", "seed"):  # shorter runs for tests
+        demo.add_argument(f"--{knob.replace('_', '-')}", dest=knob, type=int, default=None, help=argparse.SUPPRESS)
+    demo.set_defaults(func=cmd_demo)
     submit = sub.add_parser("submit", help="submit a job to a Ray cluster through the Jobs API")
     _add_config_args(submit)
     submit.add_argument("--address", help="the cluster's dashboard, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS)")
