@@ -1,8 +1,12 @@
 """Synthetic InstructGPT data for the `sort` task: demonstrations, preference pairs, held-out prompts.
 
-The task (`rayrlhf.data.tasks`): the prompt is `sort: <letters>` and the right response is the
-letters in alphabetical order. The quality rule `rayrlhf.rewards.tasks.sort_score` stands in for
-human labellers, and the data mimics what labellers produce:
+The task: the prompt is `sort: <letters>` and the right response is the letters in alphabetical
+order (as in `rayrlhf.data.tasks`), here with 3-6 *distinct* letters out of 16. The quality rule
+`rayrlhf.rewards.tasks.sort_score` stands in for human labellers. Distinct letters make a
+response checkable piece by piece (every letter is in the prompt, each one above the one
+before, as many as in the prompt), so a small reward model can learn the whole rule and PPO
+finds no blind spot in it to exploit; with repeated letters a right-length, sorted response
+with a wrong letter was what PPO drifted to. The data mimics what labellers produce:
 
 * **demonstrations** (SFT rows: prompt, response) are written by hand, so a share of them
   (`noise`) carries a slip: two neighbouring letters swapped, or a letter dropped or doubled.
@@ -10,7 +14,8 @@ human labellers, and the data mimics what labellers produce:
   ranking.
 * **comparisons** (RM / DPO rows: prompt, chosen, rejected) are a correct response and a
   slipped one (the slips above, or a letter replaced by another), ordered by the rule:
-  `chosen` is always the one the rule scores higher.
+  `chosen` is always the one the rule scores higher. `ranked_pairs` makes comparisons the
+  InstructGPT way too: from several responses of a model to one prompt, ranked by the rule.
 * **held-out prompts** (with their `answer`) measure the rule's score of a model's responses.
 
 `python -m rayrlhf.data.demo_data DIR` regenerates the files checked in under
@@ -23,9 +28,10 @@ import random
 import sys
 from pathlib import Path
 
-from rayrlhf.data.tasks import LETTERS, sort_rows, write_jsonl
+from rayrlhf.data.tasks import write_jsonl
 from rayrlhf.rewards.tasks import sort_score
 
+LETTERS = "abcdefghijklmnop"
 SLIPS = ("swap", "replace", "drop", "double")
 WRITING_SLIPS = ("swap", "drop", "double")
 
@@ -50,6 +56,16 @@ def slip(answer: str, rng: random.Random, kinds: tuple[str, ...] = SLIPS, letter
             return out
 
 
+def sort_rows(n: int, seed: int, min_len: int = 3, max_len: int = 6) -> list[dict[str, str]]:
+    """`n` prompts of the task (distinct letters) with their answers, reproducible from `seed`."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        letters = "".join(rng.sample(LETTERS, rng.randint(min_len, max_len)))
+        rows.append({"prompt": f"sort: {letters}", "answer": "".join(sorted(letters))})
+    return rows
+
+
 def demonstrations(n: int, seed: int, noise: float = 0.2) -> list[dict[str, str]]:
     """SFT rows; a share `noise` of the responses carries a slip (the rest are the rule's answer)."""
     rng = random.Random(seed * 7 + 1)
@@ -70,6 +86,26 @@ def comparisons(n: int, seed: int) -> list[dict[str, str]]:
             a, b = b, a
         rows.append({"prompt": row["prompt"], "chosen": a, "rejected": b})
     return rows
+
+
+def ranked_pairs(rows: list[dict[str, str]], responses: list[list[str]], seed: int) -> list[dict[str, str]]:
+    """One comparison per prompt from its sampled `responses`: the best against the worst by the rule.
+
+    Prompts whose responses all score the same carry no preference and give no pair; ties for
+    best or worst are broken at random (seeded).
+    """
+    rng = random.Random(seed)
+    pairs = []
+    for row, candidates in zip(rows, responses, strict=True):
+        unique = [r for r in dict.fromkeys(candidates) if r.strip()]  # data rows need non-empty texts
+        if len(unique) < 2:
+            continue
+        scored = [(sort_score(r, row["answer"]), rng.random(), r) for r in unique]
+        scored.sort(reverse=True)
+        (best, _, chosen), (worst, _, rejected) = scored[0], scored[-1]
+        if best > worst:
+            pairs.append({"prompt": row["prompt"], "chosen": chosen, "rejected": rejected})
+    return pairs
 
 
 def write_task_data(directory: str | Path, n_train: int = 2000, n_eval: int = 200, noise: float = 0.2,
