@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/rayrlhf validate cluster_configs/local-cpu/grpo.yaml
+	$(VENV)/bin/rayrlhf demo --output-dir outputs/demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

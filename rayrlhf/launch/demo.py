@@ -171,9 +171,11 @@ def run_demo(output_dir: str | Path = "outputs/demo", settings: DemoSettings | N
     """Run the pipeline and return (and write to DIR/summary.json) the summary figures."""
     import ray
     from rich.console import Console
+    from transformers.utils import logging as hf_logging
 
     from rayrlhf.launch.run import run_job
 
+    hf_logging.disable_progress_bar()  # the stages' own progress is what matters here
     s = settings or DemoSettings()
     out = Path(output_dir).resolve()
     console = Console(stderr=False)
@@ -183,8 +185,9 @@ def run_demo(output_dir: str | Path = "outputs/demo", settings: DemoSettings | N
                             num_heads=s.hidden_size // 32, intermediate_size=2 * s.hidden_size, seed=s.seed)
     data = write_task_data(out / "data", s.n_train, s.n_eval, s.noise, s.seed)
     held_out = load_rows(str(data["prompts_eval"]), "prompt")
-    console.print(f"task [bold]sort[/]: {s.n_train} demonstrations ({s.noise:.0%} with a slip), {s.n_train} comparisons "
-                  f"ranked by the rule, {s.n_eval} held-out prompts; model and data under {out}")
+    console.print(f"task [bold]sort[/] (sort 3-6 distinct letters): {s.n_train} demonstrations ({s.noise:.0%} with a slip), "
+                  f"{s.n_train} prompts for comparisons and PPO, {s.n_eval} held-out prompts; a "
+                  f"{s.num_layers}-layer Llama of width {s.hidden_size}; everything under {out}")
     cfgs = stage_configs(out, data, base, s)
     started = not ray.is_initialized()
     if started:
@@ -217,6 +220,9 @@ def run_demo(output_dir: str | Path = "outputs/demo", settings: DemoSettings | N
     summary["settings"] = asdict(s)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     console.print(summary_table(summary))
+    console.print(f"true score: the rule's mean score of {summary['decoding']}.")
+    console.print(f"wall time: sft {summary['timing/sft_s']:.0f} s, rm {summary['timing/rm_s']:.0f} s (with ranking the SFT "
+                  f"samples), ppo {summary['timing/ppo_s']:.0f} s, total {summary['timing/total_s']:.0f} s")
     console.print(f"outputs: {out}/{{sft,rm,ppo}}/ (config.yaml, metrics.jsonl, final/) and {out / 'summary.json'}")
     return summary
 
@@ -255,8 +261,8 @@ def measure(out: Path, base: Path, held_out: list[dict[str, Any]], s: DemoSettin
     models = {"before_sft": base, "after_sft": out / "sft" / "final", "after_ppo": out / "ppo" / "final"}
     rm_dir = out / "rm" / "final"
     summary: dict[str, Any] = {
-        "decoding": f"sampled: temperature 1, {s.eval_samples} responses per held-out prompt; greedy: 1 per prompt; "
-                    f"transformers generate, at most {s.max_new_tokens} new tokens",
+        "decoding": f"{s.eval_samples} responses per held-out prompt sampled at temperature 1 (greedy: one), "
+                    f"with transformers generate, at most {s.max_new_tokens} new tokens",
         "held_out_prompts": len(held_out),
     }
     sampled = {}
@@ -294,18 +300,14 @@ def summary_table(summary: dict[str, Any]) -> Any:
     def row(label: str, key: str, fmt: str = "{:.3f}") -> None:
         table.add_row(label, *(fmt.format(summary[f"{key}/{st}"]) for st in ("before_sft", "after_sft", "after_ppo")))
 
-    row("true score (rule), sampled T=1", "true_score")
-    row("exactly right, sampled T=1", "exact", "{:.1%}")
+    row("true score (rule), sampled", "true_score")
+    row("exactly right, sampled", "exact", "{:.1%}")
     row("true score (rule), greedy", "true_score_greedy")
-    row("learned reward (RM score), sampled", "rm_score")
+    row("learned reward (RM), sampled", "rm_score")
     table.add_row("KL to the SFT model, nats/response", "", "0", f"{summary['kl/ppo_to_sft']:.3f}")
     table.add_section()
-    table.add_row("reward model: held-out pair accuracy", "", f"{summary['rm/eval_accuracy']:.1%}", "")
-    table.add_row("reward model: agrees with the rule on SFT samples", "",
-                  f"{summary['rm/agreement_on_sft_samples']:.1%}", "")
+    table.add_row("RM: held-out pair accuracy", "", f"{summary['rm/eval_accuracy']:.1%}", "")
+    table.add_row("RM: agrees with rule on SFT samples", "", f"{summary['rm/agreement_on_sft_samples']:.1%}", "")
     table.add_row("SFT: held-out NLL per token", f"{summary['sft/eval_loss_before']:.3f}",
                   f"{summary['sft/eval_loss_after']:.3f}", "")
-    table.add_row("wall time, s (sft / rm / ppo / total)", "",
-                  f"{summary['timing/sft_s']:.0f} / {summary['timing/rm_s']:.0f}",
-                  f"{summary['timing/ppo_s']:.0f} / {summary['timing/total_s']:.0f}")
     return table
