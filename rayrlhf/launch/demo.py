@@ -41,7 +41,7 @@ class DemoSettings:
     """The demo's knobs; the defaults are `rayrlhf demo`, tests pass shorter ones."""
 
     seed: int = 0
-    hidden_size: int = 128  # the tiny Llama: 4 layers of 128 (about 0.8M parameters)
+    hidden_size: int = 128  # the tiny Llama: 4 layers of 128 (about 0.7M parameters)
     num_layers: int = 4
     noise: float = 0.2  # share of demonstrations with a slip
     n_train: int = 2000
