@@ -374,14 +374,15 @@ def test_rollout_workers_and_trainer_ranks_scale_independently(ray_local: None, 
 
 
 @pytest.mark.parametrize(("override", "package"), [("logging.tensorboard=true", "tensorboard"), ("logging.wandb_project=demo", "wandb")])
-def test_optional_loggers_fail_fast_naming_the_key(tmp_path: Path, override: str, package: str) -> None:
-    import importlib.util
-
+def test_optional_loggers_fail_fast_naming_the_key(
+    tmp_path: Path, override: str, package: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from rayrlhf.config import ConfigError
     from rayrlhf.orchestrator.telemetry import Telemetry
 
-    if importlib.util.find_spec(package) is not None:
-        pytest.skip(f"{package} is installed")
+    # Make the optional package unimportable whether or not it is installed, so the check always runs.
+    for name in (package, "torch.utils.tensorboard") if package == "tensorboard" else (package,):
+        monkeypatch.setitem(sys.modules, name, None)
     cfg = load_config(GRPO, [override, "logging.ray_metrics=false", f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=rf"logging\.\w+.*needs the '{package}' package"):
         Telemetry(cfg)
