@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from rayrlhf.actors.rollout import create_rollout_workers
 from rayrlhf.actors.types import Completion, GenerationRequest, SamplingSpec
-from rayrlhf.actors.weights import bucketize, checksum_mismatches, tensor_checksum
+from rayrlhf.actors.weights import bucketize, tensor_checksum, whole_checksums
 from rayrlhf.config import ModelConfig, RolloutConfig
 from rayrlhf.models.forward import pack_batch, token_logprobs
 from rayrlhf.models.loading import load_policy, load_tokenizer
@@ -116,8 +116,10 @@ def test_vllm_rejects_an_overlong_prompt_and_keeps_serving(workers: dict, prompt
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fresh_checksums_equal_the_checkpoint(backend: str, workers: dict, tiny_model: Path) -> None:
     expected = safetensors_checksums(tiny_model)
-    actual = ray.get(workers[backend].checksums.remote())
-    assert checksum_mismatches(expected, actual) == []
+    actual = ray.get(workers[backend].checksums.remote(list(expected)))
+    assert whole_checksums(actual) == expected
+    assert all(region == tuple((0, n) for n in shape) for (name, region), shape in
+               zip(actual, [load_file(str(tiny_model / "model.safetensors"))[n].shape for n, _ in actual], strict=True))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -159,7 +161,7 @@ def test_weight_update_changes_weights_version_and_outputs(workers: dict, tiny_m
     ray.get([w.finish_weight_update.remote(1) for w in handles])
 
     for backend, worker in workers.items():
-        assert checksum_mismatches(expected, ray.get(worker.checksums.remote())) == [], backend
+        assert whole_checksums(ray.get(worker.checksums.remote(list(expected)))) == expected, backend
         assert ray.get(worker.weight_version.remote()) == 1
         after = stream(worker, requests_for(prompt_ids, "d-1", **greedy))
         assert all(c.weight_version == 1 for c in after)

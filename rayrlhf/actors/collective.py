@@ -9,8 +9,8 @@ and root 0, worker i is rank i + 1.
 
 Protocol of one sync (driven by `TrainerGroup.broadcast_weights_collective`)::
 
-    meta = rank0.weight_metadata(dtype)             # [(HF name, shape, dtype)], no gather
-    workers: begin_weight_update()                  # the engine loop pauses
+    meta, aliases = rank0.weight_layout(dtype)      # [(checkpoint name, shape, dtype)], no gather
+    workers: begin_weight_update(aliases)           # the engine loop pauses
     concurrently:
         every trainer rank: broadcast_weights(dtype)  # lockstep ZeRO-3 gathers; rank 0 broadcasts
         every worker: receive_weights(meta, bucket_bytes)  # preallocate, receive in order, load
@@ -80,7 +80,3 @@ class WeightGroup:
             except Exception as exc:  # best effort: the peers may already be gone
                 log.debug("weight group %r: teardown: %r", self.group_name, exc)
         self._tcp = None
-
-
-def metadata_bytes(meta: Metadata) -> int:
-    return sum(torch.Size(shape).numel() * dtype.itemsize for _, shape, dtype in meta)

@@ -3,7 +3,7 @@
 A rollout worker drives an engine with `add` / `step` and moves weights into it in buckets
 named by their Hugging Face names. Both engines report the sampled token's log-prob under
 the trainer's convention, log_softmax(logits / temperature), and fingerprint their weights
-under the trainer's names so a weight sync can be verified byte for byte.
+in the trainer's checkpoint names and regions, so a weight sync can be verified byte for byte.
 """
 
 from __future__ import annotations
@@ -19,11 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from rayrlhf.actors.types import Completion, GenerationRequest, SamplingSpec
-from rayrlhf.actors.weights import Bucket, from_numpy, tensor_checksum
+from rayrlhf.actors.weights import Bucket, Region, from_numpy, full_region, tensor_checksum
 
 log = logging.getLogger(__name__)
-
-_PROBE_ROWS = 1024  # identity rows per matmul when reading back a repacked CPU weight
 
 
 class Engine(Protocol):
@@ -33,10 +31,10 @@ class Engine(Protocol):
     def step(self) -> list[Completion]: ...
     def has_unfinished(self) -> bool: ...
     def num_unfinished(self) -> int: ...
-    def begin_weight_update(self) -> None: ...
+    def begin_weight_update(self, aliases: dict[str, str] | None = None) -> None: ...
     def load_weights(self, bucket: Bucket) -> None: ...
     def finish_weight_update(self) -> None: ...
-    def checksums(self) -> dict[str, str]: ...
+    def checksums(self, names: list[str]) -> dict[tuple[str, Region], str]: ...
 
 
 def _bucket_tensors(bucket: Bucket, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
@@ -49,27 +47,35 @@ def _bucket_tensors(bucket: Bucket, dtype: torch.dtype) -> Iterator[tuple[str, t
 # ---------------------------------------------------------------------------------------------
 # vLLM
 # ---------------------------------------------------------------------------------------------
-# The functions below run inside vLLM's worker through `collective_rpc(fn, args=...)`. With
-# VLLM_ENABLE_V1_MULTIPROCESSING=0 and one worker they run in this process and the buckets pass
-# by reference; with separate worker processes (tensor parallelism, multiprocessing mode)
-# vLLM pickles the function and its arguments, so the same code path works, at the cost of
-# one serialisation of every bucket per worker. They are module-level so that they pickle.
+# The functions below run inside every vLLM worker (one per tensor-parallel rank) through
+# `collective_rpc(fn, args=...)`. With VLLM_ENABLE_V1_MULTIPROCESSING=0 and one worker they run
+# in this process and the buckets pass by reference; with tensor parallelism the workers are
+# separate processes and vLLM pickles the function and its arguments to each of them. They are
+# module-level so that they pickle. Layout details live in `rayrlhf.actors.vllm_layout`.
 
 
-def _rpc_begin_reload(worker: Any) -> None:
+def _rpc_begin_reload(worker: Any, aliases: dict[str, str]) -> None:
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
+    from rayrlhf.actors.vllm_layout import loadable_aliases
+
+    model = worker.get_model()
+    # before the reload moves the parameters: which tied names this engine stores separately
+    worker.rayrlhf_reload = {"aliases": loadable_aliases(model, aliases), "names": []}
     with set_current_vllm_config(worker.vllm_config):
-        initialize_layerwise_reload(worker.get_model())
+        initialize_layerwise_reload(model)
 
 
 def _rpc_load_bucket(worker: Any, bucket: Bucket) -> int:
     from vllm.config import set_current_vllm_config
 
+    state = worker.rayrlhf_reload
+    items = list(_bucket_tensors(bucket, worker.vllm_config.model_config.dtype))
+    items += [(alias, t) for name, t in items for alias in state["aliases"].get(name, ())]
+    state["names"].extend(name for name, _ in items)
     with set_current_vllm_config(worker.vllm_config):
-        model = worker.get_model()
-        loaded = model.load_weights(_bucket_tensors(bucket, worker.vllm_config.model_config.dtype))
+        loaded = worker.get_model().load_weights(iter(items))
     return len(loaded or ())
 
 
@@ -77,84 +83,30 @@ def _rpc_finish_reload(worker: Any) -> None:
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-    with set_current_vllm_config(worker.vllm_config):
-        finalize_layerwise_reload(worker.get_model(), worker.vllm_config.model_config)
+    from rayrlhf.actors.vllm_layout import moe_layers_loaded, repair_after_reload
 
-
-def _rpc_checksums(worker: Any) -> dict[str, str]:
     model = worker.get_model()
+    with set_current_vllm_config(worker.vllm_config):
+        finalize_layerwise_reload(model, worker.vllm_config.model_config)
+    repair_after_reload(model, moe_layers_loaded(model, worker.rayrlhf_reload.pop("names")))
+
+
+def _rpc_checksums(worker: Any, names: list[str]) -> dict[tuple[str, Region], str]:
+    from rayrlhf.actors.vllm_layout import checkpoint_pieces
+
     dtype = worker.vllm_config.model_config.dtype
-    return {name: tensor_checksum(t) for name, t in hf_named_tensors(model, dtype)}
+    return {(name, region): tensor_checksum(t) for name, region, t in checkpoint_pieces(worker.get_model(), dtype, set(names))}
 
 
-def _dense_weight(module: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """The [out, in] weight a linear layer computes with.
-
-    On CPU, vLLM repacks unquantized linear weights into oneDNN / sgl-kernel layouts after
-    loading and leaves an empty `weight` behind (`dispatch_cpu_unquantized_gemm`); the packed
-    copy is opaque. Feeding the layer's own kernel an identity matrix returns Wᵀ exactly (each
-    output is one weight times 1 plus zeros), so the fingerprint covers what the kernel really
-    uses. Caveat: a weight of -0.0 reads back as +0.0, and inf/nan poison their column.
-    """
-    if weight.numel() or not hasattr(module, "cpu_linear"):
-        return weight
-    in_features = getattr(module, "input_size_per_partition", None)
-    if in_features is None:
-        raise RuntimeError(f"cannot read back the repacked weight of {type(module).__name__}")
-    dtype = weight.dtype
-    cols = []
-    with torch.no_grad():
-        for start in range(0, in_features, _PROBE_ROWS):
-            rows = min(_PROBE_ROWS, in_features - start)
-            eye = torch.zeros(rows, in_features, dtype=dtype)
-            eye[:, start : start + rows] = torch.eye(rows, dtype=dtype)
-            cols.append(module.cpu_linear(eye, weight, None))
-    return torch.cat(cols).t().contiguous()
-
-
-def hf_named_tensors(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, tensor) for every weight of a vLLM model (tensor parallel size 1).
-
-    Undoes vLLM's layout: fused projections listed in the model's `packed_modules_mapping`
-    (qkv_proj -> q/k/v_proj, gate_up_proj -> gate/up_proj) are split by the layer's
-    `output_sizes`; padded vocabulary rows are cut to `org_vocab_size`; CPU-repacked weights
-    are read back through their kernel. Every produced name is checked against the model's
-    own HF -> vLLM name mapper, so an unsupported naming scheme fails loudly.
-    """
-    packed: dict[str, list[str]] = dict(getattr(model, "packed_modules_mapping", None) or {})
-    mapper = getattr(model, "hf_to_vllm_mapper", None)
-    for vllm_name, param in model.named_parameters(remove_duplicate=False):
-        module_name, _, attr = vllm_name.rpartition(".")
-        module = model.get_submodule(module_name)
-        if getattr(module, "tp_size", 1) != 1:
-            raise NotImplementedError("weight checksums need tensor_parallel_size == 1")
-        tensor = param.detach()
-        if attr == "weight":
-            tensor = _dense_weight(module, tensor)
-        org_vocab = getattr(module, "org_vocab_size", None)
-        if org_vocab is not None and tensor.dim() >= 1 and tensor.shape[0] > org_vocab:
-            tensor = tensor[:org_vocab]
-        if tensor.dtype != dtype:  # e.g. biases kept in fp32 by the CPU sgl-kernel path
-            tensor = tensor.to(dtype)
-        leaf = module_name.rpartition(".")[2]
-        sizes = getattr(module, "output_sizes", None)
-        if leaf in packed:
-            parts = packed[leaf]
-            if sizes is None or len(sizes) != len(parts) or sum(sizes) != tensor.shape[0]:
-                raise NotImplementedError(
-                    f"{vllm_name}: fused layout {leaf}={parts} does not match output sizes {sizes} "
-                    f"of shape {tuple(tensor.shape)}"
-                )
-            prefix = module_name[: len(module_name) - len(leaf)]
-            pieces = [(f"{prefix}{part}.{attr}", chunk) for part, chunk in zip(parts, tensor.split(list(sizes)), strict=True)]
-        elif sizes is not None and len(sizes) > 1:
-            raise NotImplementedError(f"{vllm_name}: fused layer with output sizes {sizes} and no packed_modules_mapping entry")
-        else:
-            pieces = [(vllm_name, tensor)]
-        for hf_name, chunk in pieces:
-            if mapper is not None and mapper.map_name(hf_name) not in (vllm_name, None):
-                raise NotImplementedError(f"cannot map vLLM weight {vllm_name} back to a Hugging Face name (tried {hf_name})")
-            yield hf_name, chunk
+def merge_rank_checksums(per_rank: list[dict[tuple[str, Region], str]]) -> dict[tuple[str, Region], str]:
+    """One engine's checksums from its tensor-parallel ranks; a piece two ranks hold differently is marked."""
+    merged: dict[tuple[str, Region], str] = {}
+    for rank, sums in enumerate(per_rank):
+        for key, value in sums.items():
+            if merged.get(key, value) != value:
+                value = f"ranks disagree (rank {rank}: {value})"
+            merged[key] = value
+    return merged
 
 
 class VLLMEngine:
@@ -206,7 +158,6 @@ class VLLMEngine:
             **({"max_num_seqs": max_num_seqs} if max_num_seqs else {}),
         )
         self._engine = LLMEngine.from_engine_args(args)
-        self._tensor_parallel_size = tensor_parallel_size
         self._requests: dict[str, tuple[GenerationRequest, int]] = {}
         self._updating = False
 
@@ -270,9 +221,13 @@ class VLLMEngine:
     def num_unfinished(self) -> int:
         return self._engine.get_num_unfinished_requests()
 
-    def begin_weight_update(self) -> None:
-        """Swap every layer for a loader that buffers incoming weights until the layer is complete."""
-        self._engine.collective_rpc(_rpc_begin_reload)
+    def begin_weight_update(self, aliases: dict[str, str] | None = None) -> None:
+        """Swap every layer for a loader that buffers incoming weights until the layer is complete.
+
+        `aliases` ({tied name: name it travels under}) are loaded too where this engine keeps a
+        separate copy of them.
+        """
+        self._engine.collective_rpc(_rpc_begin_reload, args=(dict(aliases or {}),))
         self._updating = True
 
     def load_weights(self, bucket: Bucket) -> None:
@@ -285,17 +240,19 @@ class VLLMEngine:
         """Process the remaining layers and drop the KV cache computed with the old weights.
 
         Requests still running are preempted and recomputed with the new weights; the tokens
-        they had already sampled keep their old-weight log-probs.
+        they had already sampled keep their old-weight log-probs. Kernels a CPU reload leaves
+        stale (tied lm_head, MoE experts) are rebuilt (`vllm_layout.repair_after_reload`).
         """
         self._engine.collective_rpc(_rpc_finish_reload)
         self._updating = False
         self._engine.reset_prefix_cache(reset_running_requests=True)
 
-    def checksums(self) -> dict[str, str]:
-        """tensor_checksum per HF parameter name, over the weights the engine computes with."""
-        if self._tensor_parallel_size != 1:
-            raise NotImplementedError("weight checksums need tensor_parallel_size == 1")
-        return self._engine.collective_rpc(_rpc_checksums)[0]
+    def checksums(self, names: list[str]) -> dict[tuple[str, Region], str]:
+        """{(checkpoint name, region): checksum} over the weights every tensor-parallel rank computes with.
+
+        `names` are the trainer's checkpoint names (they decide how fused projections are named).
+        """
+        return merge_rank_checksums(self._engine.collective_rpc(_rpc_checksums, args=(list(names),)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,11 +278,17 @@ class HFEngine:
         device: str = "cpu",
         max_batch_size: int = 64,
     ) -> None:
+        from rayrlhf.models.hf_layout import converts_layout
         from rayrlhf.models.loading import load_policy, load_tokenizer
 
         torch.manual_seed(seed)
         self.device = torch.device(device)
         self.model = load_policy(model_path, dtype, trust_remote_code).to(self.device).eval()
+        if converts_layout(self.model):
+            raise ValueError(
+                f"rollout.backend=hf cannot take weight updates for {self.model.config.model_type}: transformers keeps "
+                "its weights in another layout than its checkpoint (e.g. fused experts); use rollout.backend=vllm"
+            )
         self.dtype = next(self.model.parameters()).dtype
         tok = load_tokenizer(model_path, trust_remote_code)
         self.pad_id = int(tok.pad_token_id)
@@ -414,8 +377,8 @@ class HFEngine:
     def num_unfinished(self) -> int:
         return len(self._pending)
 
-    def begin_weight_update(self) -> None:
-        self._loaded = set()
+    def begin_weight_update(self, aliases: dict[str, str] | None = None) -> None:
+        self._loaded = set(aliases or {})  # tied: updated with the tensor they share
 
     @torch.no_grad()
     def load_weights(self, bucket: Bucket) -> None:
@@ -434,8 +397,10 @@ class HFEngine:
         if missing:
             log.warning("weight update left %d tensors unchanged, e.g. %s", len(missing), sorted(missing)[:3])
 
-    def checksums(self) -> dict[str, str]:
-        return {name: tensor_checksum(t) for name, t in self.model.state_dict().items()}
+    def checksums(self, names: list[str]) -> dict[tuple[str, Region], str]:
+        from rayrlhf.models.hf_layout import checkpoint_state
+
+        return {(name, full_region(t.shape)): tensor_checksum(t) for name, t in checkpoint_state(self.model, aliases=True)}
 
 
 def make_engine(backend: str, **kwargs: Any) -> Engine:
@@ -447,4 +412,4 @@ def make_engine(backend: str, **kwargs: Any) -> Engine:
     raise ValueError(f"rollout.backend must be 'vllm' or 'hf', got {backend!r}")
 
 
-__all__ = ["Engine", "HFEngine", "VLLMEngine", "hf_named_tensors", "make_engine"]
+__all__ = ["Engine", "HFEngine", "VLLMEngine", "make_engine", "merge_rank_checksums"]

@@ -175,12 +175,12 @@ class RolloutWorker:
 
     # ----- weight sync ------------------------------------------------------------------------
 
-    def begin_weight_update(self) -> None:
-        """Pause stepping and prepare the engine to receive buckets."""
+    def begin_weight_update(self, aliases: dict[str, str] | None = None) -> None:
+        """Pause stepping and prepare the engine to receive buckets (`aliases`: the trainer's tied names)."""
         with self._engine_lock:
             with self._cond:
                 self._updating = True
-            self._engine.begin_weight_update()
+            self._engine.begin_weight_update(aliases)
 
     def load_weights(self, bucket: Bucket) -> None:
         """Load one bucket of (HF name, array) pairs; call between begin and finish."""
@@ -259,12 +259,13 @@ class RolloutWorker:
             flush()
         return loaded
 
-    def checksums(self) -> dict[str, str]:
-        """tensor_checksum of every weight under its HF name (compare with the trainer's)."""
+    def checksums(self, names: list[str]) -> dict[tuple[str, Any], str]:
+        """{(checkpoint name, region): checksum} of every weight piece the engine computes with
+        (`names`: the trainer's checkpoint names; compare with `weight_sync.verify_weights`)."""
         with self._engine_lock:
             if self._updating:
                 raise RuntimeError(f"{self._name}: checksums requested during a weight update")
-            return self._engine.checksums()
+            return self._engine.checksums(names)
 
 
 def _engine_kwargs(

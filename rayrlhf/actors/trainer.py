@@ -39,8 +39,9 @@ from rayrlhf.actors.losses_step import (
     sub_batch,
     validate,
 )
-from rayrlhf.actors.weights import Bucket, bucketize, tensor_checksum
+from rayrlhf.actors.weights import Bucket, Region, bucketize, full_region, region_slice, tensor_checksum
 from rayrlhf.models.forward import sequence_scores, token_logprobs, token_values
+from rayrlhf.models.hf_layout import checkpoint_aliases, checkpoint_format, module_weights
 from rayrlhf.models.loading import load_critic, load_policy, load_reward_model, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,11 @@ class RoleModule(torch.nn.Module):
         if self.role == "critic":
             return {"values": token_values(self.hf, batch)}
         return {"scores": sequence_scores(self.hf, batch)}
+
+
+def _cast(tensor: torch.Tensor, want: torch.dtype | None) -> torch.dtype:
+    """The dtype a weight travels in: `want` for floating-point tensors, integer buffers as they are."""
+    return want if want is not None and tensor.is_floating_point() else tensor.dtype
 
 
 def free_port() -> int:
@@ -302,40 +308,43 @@ class TrainerRank:
 
     # ---------------------------------------------------------------- full weights
 
-    def _weight_modules(self) -> Iterator[tuple[str, list[tuple[str, Any]], list[tuple[str, torch.Tensor]]]]:
-        """(name prefix, parameters, persistent buffers) per module, in the order the weights travel."""
-        seen: set[int] = set()
-        for mod_name, module in self.engine.module.hf.named_modules():
-            params = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
-            buffers = [(n, b) for n, b in module.named_buffers(recurse=False)
-                       if b is not None and n not in module._non_persistent_buffers_set]
-            seen.update(id(p) for _, p in params)
-            if params or buffers:
-                yield (f"{mod_name}." if mod_name else ""), params, buffers
-
     def _full_tensors(self, dtype: str | None, device: Any = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, full tensor on `device`) for every parameter and persistent buffer, one module at a time.
+        """(checkpoint name, full tensor on `device`) for every weight, one module at a time.
 
         All ranks must iterate in lockstep: under ZeRO-3 each module's parameters are gathered
         with `GatheredParameters` (every rank joins the all-gather) and copied before the gather
         is released, so at most one module is ever materialised beyond the local shard. Only
-        rank 0 yields. Tied parameters appear once, under their first name (as `save_pretrained`).
+        rank 0 yields. Names and layout are the checkpoint's (`hf_layout.checkpoint_format`);
+        tied parameters appear once, under their first name, as in `save_pretrained`.
         """
         import deepspeed
 
         want = resolve_dtype(dtype) if dtype else None
+        hf = self.engine.module.hf
         zero3 = self.engine.zero_optimization_stage() == 3
-        for prefix, params, buffers in self._weight_modules():
-            gathered = deepspeed.zero.GatheredParameters([p for _, p in params]) if zero3 and params else None
+        for entry in module_weights(hf):
+            params = [p for _, p in entry.params]
+            gathered = deepspeed.zero.GatheredParameters(params) if zero3 and params else None
             if gathered is not None:
                 gathered.__enter__()
             try:  # copy inside the gather: the gathered storage is released (and reused) on exit
-                out = [(prefix + n, t.detach().to(device=device, dtype=want or t.dtype, copy=zero3))
-                       for n, t in params + buffers] if self.rank == 0 else []
+                out = {entry.prefix + n: t.detach().to(device=device, dtype=_cast(t, want), copy=zero3)
+                       for n, t in entry.params + entry.buffers} if self.rank == 0 else {}
             finally:
                 if gathered is not None:
                     gathered.__exit__(None, None, None)
-            yield from out
+            yield from checkpoint_format(hf, out).items()
+
+    def weight_layout(self, dtype: str | None = None) -> tuple[list[tuple[str, tuple[int, ...], torch.dtype]], dict[str, str]]:
+        """([(checkpoint name, full shape, dtype)] in `_full_tensors` order, {tied alias: its name}), no gather."""
+        want = resolve_dtype(dtype) if dtype else None
+        hf = self.engine.module.hf
+        meta = []
+        for entry in module_weights(hf):
+            own = {entry.prefix + n: torch.empty(tuple(getattr(t, "ds_shape", t.shape)), dtype=_cast(t, want), device="meta")
+                   for n, t in entry.params + entry.buffers}
+            meta += [(n, tuple(t.shape), t.dtype) for n, t in checkpoint_format(hf, own).items()]
+        return meta, checkpoint_aliases(hf)
 
     # ----- collective transport (see rayrlhf.actors.collective)
 
@@ -356,16 +365,10 @@ class TrainerRank:
         if group is not None:
             group.destroy()
 
-    def weight_metadata(self, dtype: str | None = None) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-        """[(HF name, full shape, dtype)] in `_full_tensors` order, without gathering (ZeRO-3: `ds_shape`)."""
-        want = resolve_dtype(dtype) if dtype else None
-        return [(prefix + n, tuple(getattr(t, "ds_shape", t.shape)), want or t.dtype)
-                for prefix, params, buffers in self._weight_modules() for n, t in params + buffers]
-
     def broadcast_weights(self, dtype: str | None = None) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """Every rank joins the gathers; rank 0 broadcasts each full tensor over the weight group.
 
-        Returns what rank 0 sent ([] elsewhere); the workers receive in `weight_metadata` order.
+        Returns what rank 0 sent ([] elsewhere); the workers receive in `weight_layout` order.
         """
         group = self.weight_group
         if self.rank == 0 and group is None:
@@ -389,9 +392,29 @@ class TrainerRank:
             for _ in named:
                 pass
 
-    def checksums(self, dtype: str | None = None) -> dict[str, str]:
-        """{HF name: checksum of the full tensor in `dtype`} on rank 0, {} elsewhere."""
-        return {name: tensor_checksum(t) for name, t in self._full_tensors(dtype)}
+    def checksums(
+        self, dtype: str | None = None, keys: list[tuple[str, Region]] | None = None
+    ) -> dict[tuple[str, Region], str]:
+        """Rank 0: {(checkpoint name, region): checksum} of the pieces in `keys` (None: every whole
+        tensor), tied aliases included; {} elsewhere. A region that does not fit its tensor is reported."""
+        wanted: dict[str, list[Region]] | None = None
+        if keys is not None:
+            wanted = {}
+            for name, region in keys:
+                wanted.setdefault(name, []).append(tuple(tuple(r) for r in region))
+        alias_of: dict[str, list[str]] = {}
+        for alias, canonical in checkpoint_aliases(self.engine.module.hf).items():
+            alias_of.setdefault(canonical, []).append(alias)
+        out = {}
+        for name, tensor in self._full_tensors(dtype):
+            for label in [name, *alias_of.get(name, [])]:
+                regions = [full_region(tensor.shape)] if wanted is None else wanted.get(label, [])
+                for region in regions:
+                    try:
+                        out[(label, region)] = tensor_checksum(region_slice(tensor, region))
+                    except ValueError as exc:
+                        out[(label, region)] = f"no such region: {exc}"
+        return out
 
     def export_hf(self, directory: str, dtype: str | None = None) -> None:
         """Rank 0 writes a Hugging Face directory: config, safetensors shards, tokenizer."""

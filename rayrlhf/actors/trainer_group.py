@@ -31,7 +31,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayrlhf.actors.losses_step import LOSS_ROLES, validate
 from rayrlhf.actors.trainer import ROLES, TrainerRank, TrainerSettings
-from rayrlhf.actors.weights import DEFAULT_BUCKET_BYTES
+from rayrlhf.actors.weights import DEFAULT_BUCKET_BYTES, Region
 from rayrlhf.config import JobConfig, RoleConfig
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class TrainerGroup:
         self._stream_rest: list[Any] = []
         self._weight_group_key: tuple[str, ...] | None = None  # the workers the current weight group spans
         self._weight_group_count = 0
+        self._layouts: dict[str, Any] = {}
         bundle = {k: v for k, v in {"CPU": num_cpus, "GPU": num_gpus}.items() if v > 0} or {"CPU": 0.01}
         self.pg = placement_group([dict(bundle) for _ in range(num_ranks)], strategy="PACK")
         try:
@@ -212,9 +213,17 @@ class TrainerGroup:
         """A Hugging Face directory (config, safetensors, tokenizer) of the current weights."""
         self._call("export_hf", str(directory), dtype)
 
-    def checksums(self, dtype: str | None = None) -> dict[str, str]:
-        """{HF name: checksum} of the full current weights (as rank 0 sees them)."""
-        return self._call("checksums", dtype)[0]
+    def checksums(self, dtype: str | None = None, keys: list[tuple[str, Region]] | None = None) -> dict[tuple[str, Region], str]:
+        """{(checkpoint name, region): checksum} of the current weights (as rank 0 sees them):
+        the pieces in `keys`, or every whole tensor and tied alias when None."""
+        return self._call("checksums", dtype, keys)[0]
+
+    def weight_layout(self, dtype: str | None = None) -> tuple[list[tuple[str, tuple[int, ...], torch.dtype]], dict[str, str]]:
+        """([(checkpoint name, shape, dtype)] in stream order, {tied alias: name}); fixed for a group, so cached."""
+        key = str(dtype)
+        if key not in self._layouts:
+            self._layouts[key] = ray.get(self.actors[0].weight_layout.remote(dtype))
+        return self._layouts[key]
 
     def iter_weight_buckets(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: str | None = None) -> Any:
         """Start a weight stream on every rank and return rank 0's ObjectRefGenerator of buckets."""
@@ -261,8 +270,8 @@ class TrainerGroup:
         call forms a new one (members stuck in the old one wait for its timeout).
         """
         self.setup_weight_group(workers)
-        meta = ray.get(self.actors[0].weight_metadata.remote(dtype))
-        ray.get([w.begin_weight_update.remote() for w in workers])
+        meta, aliases = self.weight_layout(dtype)
+        ray.get([w.begin_weight_update.remote(aliases) for w in workers])
         try:
             recvs = [w.receive_weights.remote(meta, bucket_bytes) for w in workers]
             sends = [a.broadcast_weights.remote(dtype) for a in self.actors]

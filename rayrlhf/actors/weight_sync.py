@@ -18,7 +18,7 @@ from typing import Any
 
 import ray
 
-from rayrlhf.actors.weights import checksum_mismatches
+from rayrlhf.actors.weights import compare_checksums
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ def broadcast_weights(
         return sent
     if backend != "object_store":
         raise ValueError(f"unknown weight sync backend {backend!r}; valid backends are {list(BACKENDS)}")
-    ray.get([w.begin_weight_update.remote() for w in workers])
+    _, aliases = group.weight_layout(dtype)
+    ray.get([w.begin_weight_update.remote(aliases) for w in workers])
     loads = []
     moved = 0
     for bucket_ref in group.iter_weight_buckets(bucket_bytes, dtype):
@@ -58,9 +59,21 @@ def broadcast_weights(
 
 
 def verify_weights(group: Any, workers: Sequence[Any], dtype: str | None) -> None:
-    """Raise WeightSyncError unless every worker's per-tensor checksums equal the trainer's."""
-    expected = group.checksums(dtype)
-    for i, actual in enumerate(ray.get([w.checksums.remote() for w in workers])):
-        bad = checksum_mismatches(expected, actual)
-        if bad:
-            raise WeightSyncError(f"rollout worker {i}: {len(bad)} tensors differ from the trainer after the sync, e.g. {bad[:3]}")
+    """Raise WeightSyncError unless every worker holds exactly the trainer's weights.
+
+    Each worker reports the checksum of every piece it holds (one per tensor, or one slice per
+    tensor-parallel rank), under checkpoint names; the trainer hashes the same pieces of its
+    full tensors. Every tensor of the trainer must be held whole (tied aliases may be held
+    through the tensor they share), and nothing else.
+    """
+    meta, aliases = group.weight_layout(dtype)
+    shapes = {name: shape for name, shape, _ in meta}
+    shapes.update({alias: shapes[canonical] for alias, canonical in aliases.items()})
+    reports = ray.get([w.checksums.remote(list(shapes)) for w in workers])
+    keys = sorted({key for report in reports for key in report})
+    expected = group.checksums(dtype, keys)
+    for i, actual in enumerate(reports):
+        problems = compare_checksums(expected, shapes, aliases, actual)
+        if problems:
+            shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+            raise WeightSyncError(f"rollout worker {i}: {len(problems)} tensor(s) differ from the trainer after the sync: {shown}")

@@ -1,21 +1,25 @@
 """Weight-sync primitives shared by the trainer (sender) and the rollout workers (receivers).
 
-A sync moves the policy's full weights under their Hugging Face names, in buckets of about
-`bucket_bytes`. Each bucket is a list of (name, numpy array) pairs; yielding it from a Ray
-streaming generator stores it once in the object store, and every worker reads it zero-copy.
-Checksums are computed on both sides over the same bytes, so equality proves that a worker
-holds exactly the trainer's weights.
+A sync moves the policy's full weights under their checkpoint names (`rayrlhf.models.hf_layout`),
+in buckets of about `bucket_bytes`. Each bucket is a list of (name, numpy array) pairs; yielding
+it from a Ray streaming generator stores it once in the object store, and every worker reads it
+zero-copy. Checksums are computed on both sides over the same bytes, piece by piece: an engine
+reports {(name, region): checksum} for the slices it holds (a tensor-parallel rank holds a
+slice), the trainer hashes the same slices of its full tensors, and `compare_checksums` also
+checks that every tensor of the trainer is held whole by the engine's pieces together.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
 
 Bucket = list[tuple[str, np.ndarray]]
+Region = tuple[tuple[int, int], ...]  # one [start, stop) per dimension of the full tensor
 DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
 
 
@@ -38,8 +42,16 @@ def from_numpy(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 
 def tensor_checksum(tensor: torch.Tensor) -> str:
-    """Exact fingerprint of a tensor's dtype, shape and bytes."""
-    tensor = tensor.detach().to("cpu").contiguous()
+    """Exact fingerprint of a tensor's dtype, shape and bytes (-0.0 counts as +0.0).
+
+    Zeros are made positive on both sides because a weight read back through a CPU kernel
+    (`vllm_layout.kernel_weight`) cannot tell -0.0 from +0.0; the two behave the same in a
+    matrix product.
+    """
+    tensor = tensor.detach().to("cpu")
+    if tensor.is_floating_point():
+        tensor = tensor + 0.0
+    tensor = tensor.contiguous()
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
     raw = tensor.view(torch.uint8) if tensor.numel() else tensor
@@ -62,7 +74,63 @@ def bucketize(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = DEF
         yield bucket
 
 
-def checksum_mismatches(expected: dict[str, str], actual: dict[str, str]) -> list[str]:
-    """Names whose checksums differ or that exist on one side only (empty: identical)."""
-    names = sorted(set(expected) | set(actual))
-    return [n for n in names if expected.get(n) != actual.get(n)]
+def full_region(shape: Iterable[int]) -> Region:
+    """The region of a whole tensor of `shape`."""
+    return tuple((0, int(n)) for n in shape)
+
+
+def region_slice(tensor: torch.Tensor, region: Region) -> torch.Tensor:
+    """The part of `tensor` a region names; a region outside the tensor is a ValueError."""
+    if len(region) != tensor.dim() or any(not 0 <= a <= b <= n for (a, b), n in zip(region, tensor.shape, strict=True)):
+        raise ValueError(f"region {region} does not fit a tensor of shape {tuple(tensor.shape)}")
+    return tensor[tuple(slice(a, b) for a, b in region)]
+
+
+def covers(regions: Iterable[Region], shape: tuple[int, ...]) -> bool:
+    """Whether the union of `regions` is the whole of a tensor of `shape` (exact, on compressed cells)."""
+    regions = [r for r in regions if len(r) == len(shape)]
+    if not regions:
+        return torch.Size(shape).numel() == 0
+    cuts = [sorted({0, n, *(p for r in regions for p in r[d])}) for d, n in enumerate(shape)]
+    cells = [list(zip(c[:-1], c[1:], strict=True)) for c in cuts]
+    for cell in itertools.product(*cells):
+        if not any(all(a <= lo and hi <= b for (lo, hi), (a, b) in zip(cell, r, strict=True)) for r in regions):
+            return False
+    return True
+
+
+def whole_checksums(sums: dict[tuple[str, Region], str]) -> dict[str, str]:
+    """{name: checksum} of the whole-tensor entries of a {(name, region): checksum} report."""
+    return {name: value for (name, region), value in sums.items() if all(a == 0 for a, _ in region)}
+
+
+def show(name: str, region: Region, shape: tuple[int, ...] | None = None) -> str:
+    """`name` with its region, e.g. `lm_head.weight[0:50, 0:64]` (the name alone for a whole tensor)."""
+    if shape is not None and region == tuple((0, n) for n in shape):
+        return name
+    return f"{name}[{', '.join(f'{a}:{b}' for a, b in region)}]"
+
+
+def compare_checksums(
+    expected: dict[tuple[str, Region], str], shapes: dict[str, tuple[int, ...]], aliases: dict[str, str],
+    actual: dict[tuple[str, Region], str],
+) -> list[str]:
+    """What is wrong with one engine's `actual` checksums, one line per tensor (empty: it matches).
+
+    `expected` holds the trainer's checksum of every (name, region) the engine reported;
+    `shapes` every checkpoint tensor of the trainer; `aliases` its tied names, which an engine
+    may not hold separately (they are then verified through the tensor they share).
+    """
+    problems, held = [], {}
+    for (name, region), value in sorted(actual.items()):
+        held.setdefault(name, []).append(region)
+        if name not in shapes:
+            problems.append(f"{show(name, region)}: held by the engine, unknown to the trainer")
+        elif expected.get((name, region)) != value:
+            problems.append(f"{show(name, region, shapes[name])}: differs from the trainer")
+    for name, shape in shapes.items():
+        if name in held and not covers(held[name], shape):
+            problems.append(f"{name}: only partly held by the engine ({len(held[name])} piece(s))")
+        elif name not in held and not (name in aliases and aliases[name] in held):
+            problems.append(f"{name}: missing from the engine")
+    return problems

@@ -10,12 +10,12 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
-import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
+TINY_PREFIX = "tiny:"
 CHARSET = string.ascii_letters + string.digits + string.punctuation + " \n"
 
 # A chat template so that chat-template-aware code paths run on the tiny model too.
@@ -50,42 +50,30 @@ def build_tiny_model(
     intermediate_size: int = 128,
     max_position_embeddings: int = 512,
     seed: int = 0,
+    arch: str = "llama",
 ) -> Path:
-    """Write a randomly initialised tiny Llama and its tokenizer to `output_dir` and return the path.
+    """Write a randomly initialised tiny model (row `arch` of the matrix, default an untied Llama)
+    and its tokenizer to `output_dir` and return the path.
 
     The head dimension is hidden_size / num_heads; keep it at 32 or more, the smallest that
     vLLM's CPU attention kernels support.
     """
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=False,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        torch_dtype="float32",
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
+    from rayrlhf.models.architectures import build_architecture
+
+    shape = {"hidden_size": hidden_size, "num_hidden_layers": num_layers, "num_attention_heads": num_heads,
+             "intermediate_size": intermediate_size, "max_position_embeddings": max_position_embeddings}
+    if arch == "llama":
+        shape["num_key_value_heads"] = num_heads
+    return build_architecture(arch, output_dir, seed=seed, **shape)
 
 
 def resolve_model_path(name: str, cache_dir: str | Path, seed: int = 0) -> str:
-    """'tiny' builds (once) the local tiny model under `cache_dir`; anything else is a directory or hub id."""
-    if name != "tiny":
+    """'tiny' (a Llama) or 'tiny:<arch>' (a row of the architecture matrix) builds the model once under
+    `cache_dir`; anything else is a directory or hub id."""
+    if name != "tiny" and not name.startswith(TINY_PREFIX):
         return name
-    target = Path(cache_dir) / "tiny-model"
+    arch = name.removeprefix(TINY_PREFIX) if name != "tiny" else "llama"
+    target = Path(cache_dir) / ("tiny-model" if arch == "llama" else f"tiny-{arch}")
     if not (target / "config.json").is_file():
-        build_tiny_model(target, seed=seed)
+        build_tiny_model(target, seed=seed, arch=arch)
     return str(target)
