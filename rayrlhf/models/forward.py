@@ -61,13 +61,31 @@ def token_logprobs(
     return logp, entropy
 
 
+def _score_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(backbone, `score` head) of a one-label sequence classifier, or None for another kind of model."""
+    head = getattr(model, "score", None)
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if isinstance(head, torch.nn.Module) and isinstance(base, torch.nn.Module):
+        return base, head
+    return None
+
+
+def _hidden(base: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return base(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+        use_cache=False,
+    ).last_hidden_state
+
+
 def token_values(critic: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Critic values [B, T]: V at the state before each response token (0 on padding)."""
+    """Critic values [B, T]: the `score` head at the state before each response token (0 on padding)."""
+    parts = _score_parts(critic)
+    if parts is None:
+        raise TypeError(f"a critic needs a backbone and a `score` head; {type(critic).__name__} has none")
+    base, head = parts
     t_len = batch["mask"].shape[1]
-    out = critic(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
-    )
-    return out.logits[:, -t_len - 1 : -1, 0].float() * batch["mask"]
+    hidden = _hidden(base, batch)[:, -t_len - 1 : -1]
+    return head(hidden)[..., 0].float() * batch["mask"]
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -83,14 +101,11 @@ def sequence_scores(reward_model: torch.nn.Module, batch: dict[str, torch.Tensor
     independent of how the model pools (HF pools at the last non-pad *id*, which is wrong when
     the pad token doubles as EOS). Other classifiers fall back to their own pooled output.
     """
-    kwargs = {
-        "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "position_ids": batch["position_ids"],
-    }
-    head = getattr(reward_model, "score", None)
-    base = getattr(reward_model, getattr(reward_model, "base_model_prefix", ""), None)
-    if isinstance(head, torch.nn.Module) and isinstance(base, torch.nn.Module):
-        hidden = base(**kwargs).last_hidden_state
+    parts = _score_parts(reward_model)
+    if parts is not None:
+        base, head = parts
+        hidden = _hidden(base, batch)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = hidden[rows, last_token_index(batch["attention_mask"])]
-        return head(last)[:, 0].float()
+        return head(hidden[rows, last_token_index(batch["attention_mask"])])[:, 0].float()
+    kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
     return reward_model(**kwargs).logits[:, 0].float()

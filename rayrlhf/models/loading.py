@@ -14,7 +14,6 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -54,18 +53,15 @@ def load_policy(path: str | Path, dtype: str = "auto", trust_remote_code: bool =
 
 
 def load_critic(path: str | Path, dtype: str = "auto", trust_remote_code: bool = False) -> PreTrainedModel:
-    """A transformer with a one-output head on every token: V(s_t) for GAE.
+    """The value model V(s_t) for GAE: a one-label sequence classifier whose `score` head is read at
+    every token (`forward.token_values`), not only at the last one.
 
-    Initialised from a causal LM (new head) or from a reward model of the same architecture,
-    whose `score` head carries over, as InstructGPT initialises its value function from the RM.
+    Initialised from a causal LM (new head) or from a reward model of the same architecture, whose
+    `score` head carries over, as InstructGPT initialises its value function from the RM. Every
+    architecture with a sequence-classification class works (token-classification classes are
+    missing for some, e.g. Gemma-3, and add a dropout layer before their head).
     """
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    config.num_labels = 1
-    if config.pad_token_id is None:
-        config.pad_token_id = _pad_id(path, trust_remote_code)
-    return AutoModelForTokenClassification.from_pretrained(
-        str(path), config=config, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
-    )
+    return load_reward_model(path, dtype, trust_remote_code)
 
 
 def load_reward_model(path: str | Path, dtype: str = "auto", trust_remote_code: bool = False) -> PreTrainedModel:
