@@ -72,6 +72,21 @@ class TrainerSettings:
     temperature: float = 1.0  # sampling temperature the policy's log-probs are computed at
 
 
+def deepspeed_config(s: TrainerSettings, world_size: int, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed config of one rank (gradient accumulation is driven by hand, see the module docstring)."""
+    return {
+        "train_micro_batch_size_per_gpu": s.micro_batch_size,
+        "gradient_accumulation_steps": s.gradient_accumulation_steps,
+        "train_batch_size": s.micro_batch_size * s.gradient_accumulation_steps * world_size,
+        "gradient_clipping": s.max_grad_norm,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": {"stage": s.zero_stage},
+        "zero_allow_untested_optimizer": True,  # torch AdamW: no JIT build of DeepSpeed's cpu_adam
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
 def lr_lambda(settings: TrainerSettings) -> Any:
     """Multiplier of the peak LR for update s (0-based): linear warm-up, then constant/cosine/linear decay."""
     warmup, total, kind = settings.warmup_steps, max(settings.total_steps, 1), settings.lr_schedule
@@ -174,17 +189,7 @@ class TrainerRank:
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=s.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s))
         bf16 = s.bf16 if s.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
-        config = {
-            "train_micro_batch_size_per_gpu": s.micro_batch_size,
-            "gradient_accumulation_steps": s.gradient_accumulation_steps,
-            "train_batch_size": s.micro_batch_size * s.gradient_accumulation_steps * self.world_size,
-            "gradient_clipping": s.max_grad_norm,
-            "bf16": {"enabled": bf16},
-            "zero_optimization": {"stage": s.zero_stage},
-            "zero_allow_untested_optimizer": True,  # torch AdamW: no JIT build of DeepSpeed's cpu_adam
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
+        config = deepspeed_config(s, self.world_size, bf16)
         self.engine, *_ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False,
         )

@@ -28,9 +28,13 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Validate a config and print it resolved, defaults filled in."""
+    """Validate a config and print it resolved, defaults filled in; for online jobs also the actor plan."""
     cfg = load_config(args.config, args.overrides)
     sys.stdout.write(to_yaml(cfg))
+    if cfg.algorithm.is_online:
+        from rayrlhf.orchestrator.plan import check_plan
+
+        sys.stdout.write("# actor plan:\n" + "".join(f"# {line}\n" for line in check_plan(cfg).describe().splitlines()))
     return EXIT_OK
 
 

@@ -16,11 +16,12 @@ log = logging.getLogger(__name__)
 
 def logical_cpus_needed(cfg: JobConfig) -> float:
     """CPUs the job's actors reserve, so an embedded Ray on a 2-core laptop still schedules them all."""
-    total = cfg.rollout.num_workers * cfg.rollout.num_cpus
-    total += cfg.trainer.policy.num_ranks * cfg.trainer.policy.num_cpus
-    if cfg.algorithm.name == "ppo":
-        total += cfg.trainer.critic.num_ranks * cfg.trainer.critic.num_cpus
-    total += cfg.servers.reference_num_cpus + cfg.reward.num_workers * cfg.servers.reward_num_cpus
+    if cfg.algorithm.is_online:
+        from rayrlhf.orchestrator.plan import plan_actors
+
+        total = plan_actors(cfg).total_cpus
+    else:
+        total = cfg.trainer.policy.num_ranks * cfg.trainer.policy.num_cpus + cfg.servers.reference_num_cpus
     return total + 1  # room for the driver's own tasks
 
 

@@ -20,6 +20,10 @@ def run_job(cfg: JobConfig, resume: bool = False) -> Path:
         from rayrlhf.orchestrator.offline import OfflineTrainer
 
         offline = OfflineTrainer(cfg, resume=resume)  # reads and checks the data before Ray starts
+    else:
+        from rayrlhf.orchestrator.plan import check_plan
+
+        log.info("actor plan:\n%s", check_plan(cfg).describe())  # a job that cannot run stops here
     mode = connect(cfg)
     try:
         if offline is not None:

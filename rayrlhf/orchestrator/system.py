@@ -20,6 +20,7 @@ from rayrlhf.config import JobConfig
 from rayrlhf.models.forward import pack_batch
 from rayrlhf.models.loading import load_tokenizer, resolve_dtype
 from rayrlhf.models.tiny import resolve_model_path
+from rayrlhf.orchestrator.plan import check_plan
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class System:
 
     def __init__(self, cfg: JobConfig) -> None:
         self.cfg = cfg
+        self.plan = check_plan(cfg)
         cache = Path(cfg.output_dir) / ".models"
         trust = cfg.model.trust_remote_code
         self.policy_path = resolve_model_path(cfg.model.policy, cache, cfg.seed)
@@ -76,17 +78,18 @@ class System:
             self.critic = TrainerGroup.from_config(cfg, "critic", critic_path, steps)
         srv = cfg.servers
         ref_path = resolve_model_path(cfg.model.reference or cfg.model.policy, cache, cfg.seed)
+        [ref] = self.plan.of("reference")
         self.reference = RemoteReferenceServer.options(
-            name="reference", num_cpus=srv.reference_num_cpus, num_gpus=srv.reference_num_gpus
+            name=ref.name, num_cpus=ref.num_cpus, num_gpus=ref.num_gpus
         ).remote(ref_path, cfg.model.dtype, trust, srv.micro_batch_size, cfg.rollout.temperature or 1.0)
         reward_model = resolve_model_path(cfg.model.reward, cache, cfg.seed) if cfg.model.reward else None
         self.rewards = [
-            RemoteRewardServer.options(name=f"reward-{i}", num_cpus=srv.reward_num_cpus, num_gpus=srv.reward_num_gpus).remote(
+            RemoteRewardServer.options(name=spec.name, num_cpus=spec.num_cpus, num_gpus=spec.num_gpus).remote(
                 model_path=reward_model, function=cfg.reward.function, url=cfg.reward.url, dtype=cfg.model.dtype,
                 trust_remote_code=trust, timeout_s=cfg.reward.timeout_s, max_retries=cfg.reward.max_retries,
                 micro_batch_size=srv.micro_batch_size,
             )
-            for i in range(cfg.reward.num_workers)
+            for spec in self.plan.of("reward")
         ]
         ray.get([self.reference.ready.remote()] + [r.ready.remote() for r in self.rewards])
         ray.get([w.ready.remote() for w in self.rollout_workers])

@@ -1,0 +1,163 @@
+"""The actor plan of an online job: which actors it starts, what each reserves, which code path each takes.
+
+Computed from the config alone, before Ray starts, so a GPU job can be checked on a laptop:
+`rayrlhf validate` prints it, `rayrlhf train` refuses a plan with problems before any actor
+starts (exit 2, naming the keys), and `System` creates its actors with the plan's names and
+resources. A combination the code cannot run is a problem here, not a crash on a cluster:
+tensor parallelism on the transformers backend, ranks of one NCCL group sharing a GPU, an
+engine reserving fewer GPUs than its tensor-parallel size, a collective weight sync between a
+GPU trainer and CPU engines, or weight updates into a transformers engine whose in-memory
+layout differs from its checkpoint (mixture-of-experts models).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rayrlhf.config import ConfigError, JobConfig
+from rayrlhf.models.tiny import TINY_PREFIX
+
+
+@dataclass(frozen=True)
+class ActorSpec:
+    """One actor: its dashboard name, Ray resources, and the code path it will take."""
+
+    name: str
+    role: str  # rollout | policy | critic | reference | reward
+    num_cpus: float
+    num_gpus: float
+    path: str
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    actors: list[ActorSpec]
+    weight_sync: str
+    problems: list[str] = field(default_factory=list)
+
+    def of(self, role: str) -> list[ActorSpec]:
+        return [a for a in self.actors if a.role == role]
+
+    @property
+    def total_cpus(self) -> float:
+        return sum(a.num_cpus for a in self.actors)
+
+    @property
+    def total_gpus(self) -> float:
+        return sum(a.num_gpus for a in self.actors)
+
+    def describe(self) -> str:
+        """The plan as a few lines: one per group of actors, then the weight sync and the totals."""
+        lines, seen = [], set()
+        for actor in self.actors:
+            key = (actor.role, actor.path, actor.num_cpus, actor.num_gpus)
+            if key in seen:
+                continue
+            seen.add(key)
+            names = [a.name for a in self.actors if (a.role, a.path, a.num_cpus, a.num_gpus) == key]
+            shown = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
+            lines.append(f"  {shown:<22} {len(names)} x ({actor.num_cpus:g} CPU, {actor.num_gpus:g} GPU)  {actor.path}")
+        lines.append(f"  weight sync            {self.weight_sync}")
+        lines.append(f"  total                  {self.total_cpus:g} CPU, {self.total_gpus:g} GPU")
+        return "\n".join(lines)
+
+
+def _gpu(num_gpus: float) -> bool:
+    return num_gpus > 0
+
+
+def _model_type(name: str | None) -> str | None:
+    """The transformers model type of a local model or a `tiny:` row; None for a hub id (unknown offline)."""
+    if name is None:
+        return None
+    if name == "tiny" or name.startswith(TINY_PREFIX):
+        from rayrlhf.models.architectures import architecture
+
+        return architecture(name.removeprefix(TINY_PREFIX) if name != "tiny" else "llama").model_type
+    config = Path(name) / "config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("model_type")
+    return None
+
+
+def _converts_layout(model_type: str | None) -> bool:
+    """Whether transformers keeps this model type's weights in another layout than its checkpoint."""
+    if model_type is None:
+        return False
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    return bool(get_checkpoint_conversion_mapping(model_type))
+
+
+def _trainer_path(cfg: JobConfig, role: str, gpu: bool) -> str:
+    t = cfg.trainer
+    precision = ("bf16" if t.bf16 else "fp32") if t.bf16 is not None else ("bf16 where supported" if gpu else "fp32")
+    return (f"DeepSpeed ZeRO-{t.zero_stage}, {'nccl' if gpu else 'gloo'}, {precision}"
+            + (", gradient checkpointing" if t.gradient_checkpointing else ""))
+
+
+def plan_actors(cfg: JobConfig) -> ActorPlan:
+    """The actors of online job `cfg` and their code paths; `problems` lists what cannot run."""
+    r, srv, problems = cfg.rollout, cfg.servers, []
+    tp = r.tensor_parallel_size
+    rollout_gpu = _gpu(r.num_gpus)
+    if r.backend == "hf":
+        if tp > 1:
+            problems.append(f"rollout.tensor_parallel_size = {tp} needs rollout.backend: vllm "
+                            "(the hf backend generates on one device)")
+        if _converts_layout(_model_type(cfg.model.policy)):
+            problems.append(f"rollout.backend: hf cannot take weight updates for model.policy {cfg.model.policy} "
+                            "(its in-memory layout differs from its checkpoint, e.g. fused experts); use vllm")
+        engine = f"transformers generate on {'cuda' if rollout_gpu else 'cpu'}"
+        verify = "whole-tensor checksums"
+    else:
+        if rollout_gpu and tp > 1 and r.num_gpus != tp:
+            problems.append(f"rollout.num_gpus = {r.num_gpus:g} must equal rollout.tensor_parallel_size = {tp}: "
+                            "a worker reserves its engine's GPUs")
+        device = "CUDA" if rollout_gpu else "CPU"
+        engine = f"vLLM on {device}" + (f", tensor parallel {tp} (one process per rank)" if tp > 1 else "")
+        verify = (f"per-shard checksums over {tp} ranks" if tp > 1 else "whole-tensor checksums") + (
+            "" if rollout_gpu else ", CPU kernels read back")
+    actors = [ActorSpec(f"rollout-{i}", "rollout", r.num_cpus, r.num_gpus, f"{engine}; {verify}")
+              for i in range(r.num_workers)]
+
+    roles = [("policy", cfg.trainer.policy)]
+    if cfg.algorithm.name == "ppo":
+        roles.append(("critic", cfg.trainer.critic))
+    for role, rc in roles:
+        if 0 < rc.num_gpus < 1 or rc.num_gpus != int(rc.num_gpus):
+            problems.append(f"trainer.{role}.num_gpus = {rc.num_gpus:g}: a rank needs whole GPUs "
+                            "(ranks of one NCCL group cannot share a GPU)")
+        path = _trainer_path(cfg, role, _gpu(rc.num_gpus))
+        actors += [ActorSpec(f"{role}-{i}", role, rc.num_cpus, rc.num_gpus, path) for i in range(rc.num_ranks)]
+
+    ref_device = "cuda" if _gpu(srv.reference_num_gpus) else "cpu"
+    actors.append(ActorSpec("reference", "reference", srv.reference_num_cpus, srv.reference_num_gpus,
+                            f"frozen {cfg.model.reference or cfg.model.policy} on {ref_device}, forward only"))
+    kind = ("model " + str(cfg.model.reward)) if cfg.model.reward else (
+        f"function {cfg.reward.function}" if cfg.reward.function else "HTTP endpoint")
+    reward_device = "cuda" if _gpu(srv.reward_num_gpus) else "cpu"
+    actors += [ActorSpec(f"reward-{i}", "reward", srv.reward_num_cpus, srv.reward_num_gpus, f"{kind} on {reward_device}")
+               for i in range(cfg.reward.num_workers)]
+
+    policy_gpu = _gpu(cfg.trainer.policy.num_gpus)
+    if srv.weight_sync_backend == "collective":
+        if policy_gpu != rollout_gpu:
+            problems.append("servers.weight_sync_backend: collective broadcasts from policy rank 0's device, so "
+                            "trainer.policy.num_gpus and rollout.num_gpus must both be 0 or both be > 0; use object_store")
+        sync = f"collective: {'nccl' if policy_gpu else 'gloo'} broadcast from policy rank 0"
+    else:
+        sync = "object_store: buckets stored once in Ray's object store, read by every worker"
+    every = cfg.schedule.verify_sync_every
+    sync += f"; verified every {every} sync(s)" if every else "; not verified"
+    return ActorPlan(actors, sync, problems)
+
+
+def check_plan(cfg: JobConfig) -> ActorPlan:
+    """`plan_actors`, raising ConfigError (exit 2) naming the keys when the job cannot run as configured."""
+    plan = plan_actors(cfg)
+    if plan.problems:
+        raise ConfigError("this job cannot run as configured:\n  " + "\n  ".join(plan.problems))
+    return plan
