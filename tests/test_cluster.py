@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from rayrlhf.config import load_config
-from rayrlhf.launch.submit import STAGE_DIR, auth_headers, find_auth_token
+from rayrlhf.launch.submit import STAGE_DIR, auth_headers, entrypoint, find_auth_token
 from rayrlhf.orchestrator.telemetry import metric_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,13 +95,15 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
     token_file.write_text(secrets.token_hex(16))
     token_file.chmod(0o600)
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    # The cluster's nodes have the `rayrlhf` command. Only it is added to PATH, not all of the
-    # virtualenv's bin/: another `ninja` there would make DeepSpeed rebuild its JIT ops, which
-    # this machine's other processes build with the PATH's ninja (their build logs disagree).
+    # The head is started as from a virtualenv that was not activated: `ray` by its full path, and
+    # the venv's bin/ (with `rayrlhf`) not on PATH, so jobs must find rayrlhf without it. Only the
+    # venv's `ninja` is put first on PATH: DeepSpeed JIT-builds its CPU op with the PATH's ninja,
+    # and another one than this test session's other processes use would rebuild it.
     shim = temp_dir / "bin"
     shim.mkdir()
-    (shim / "rayrlhf").symlink_to(BIN / "rayrlhf")
-    base["PATH"] = f"{shim}{os.pathsep}{base.get('PATH', '')}"
+    (shim / "ninja").symlink_to(BIN / "ninja")
+    path = [p for p in base.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != BIN.resolve()]
+    base["PATH"] = os.pathsep.join([str(shim), *path])
     env = {
         **base,
         "RAY_AUTH_MODE": "token",
@@ -241,6 +243,19 @@ def test_submit_rejects_an_invalid_config_before_contacting_a_cluster() -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_entrypoint_runs_rayrlhf_without_it_on_path_or_says_what_to_do() -> None:
+    """The job supervisor (a Python process with Ray loaded) runs the entrypoint with /bin/sh -c."""
+    import ray  # noqa: F401 - this process stands in for the supervisor: its memory map names ray's site-packages
+
+    ep = entrypoint(["validate", str(GRPO), "--set", "schedule.steps=3"])
+    bare = {"PATH": "/usr/bin:/bin"}  # no virtualenv on PATH, no rayrlhf command
+    found = subprocess.run(ep, shell=True, env=bare, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert found.returncode == 0 and "steps: 3" in found.stdout, found.stderr[-2000:]
+    # Run from a plain shell instead (no Ray loaded in the parent): no interpreter that can run rayrlhf.
+    lost = subprocess.run(["/bin/sh", "-c", 'sh -c "$0"', ep], env=bare, capture_output=True, text=True, timeout=120, cwd="/")
+    assert lost.returncode == 127 and "the cluster cannot run rayrlhf" in lost.stderr and "ray start" in lost.stderr
+
+
 def test_token_lookup_follows_rays_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "tok"
     path.write_text("from-file\n")
@@ -262,15 +277,15 @@ class TestCluster:
         assert proc.returncode == 1, proc.stdout + proc.stderr
         assert "refused the auth token" in proc.stderr and "Traceback" not in proc.stderr
 
-    def test_ray_job_submit_runs_the_same_entrypoint(self, ray_head: Head) -> None:
-        """`ray job submit -- rayrlhf ...` works too; Ray's own client needs RAY_AUTH_MODE=token to send the token."""
+    def test_ray_job_submit_needs_rayrlhf_on_the_heads_path(self, ray_head: Head) -> None:
+        """Ray's own `ray job submit -- rayrlhf ...` runs the command as typed (it needs RAY_AUTH_MODE=token to send the
+        token): on this head, whose PATH lacks the virtualenv, the shell cannot find it (`rayrlhf submit` can, below)."""
         env = {**ray_head.env, "RAY_AUTH_MODE": "token", "RAY_API_SERVER_ADDRESS": ray_head.dashboard}
         proc = _run(
             [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "rayrlhf", "validate", str(GRPO.relative_to(ROOT)),
              "--set", "schedule.steps=3"], env, 240,
         )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert "steps: 3" in proc.stdout and "succeeded" in proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "rayrlhf: not found" in proc.stdout + proc.stderr, proc.stdout[-3000:]
 
     def test_submit_follow_runs_a_grpo_job(self, ray_head: Head, tmp_path: Path) -> None:
         from ray.util.state import StateApiClient
@@ -299,7 +314,7 @@ class TestCluster:
         assert f"submitted job {job_id}" in proc.stdout
         assert f"{ray_head.dashboard}/#/jobs/{job_id}" in proc.stdout
         assert "step 6/6" in proc.stdout  # the job's own log, streamed
-        assert f"job {job_id}: SUCCEEDED" in proc.stdout
+        assert f"job {job_id}: SUCCEEDED" in proc.stdout  # with no rayrlhf on the head's PATH (see ray_head)
         assert not (ROOT / STAGE_DIR).exists(), "the staged config must be removed after the upload"
 
         # The job ran the resolved config and wrote its outputs.

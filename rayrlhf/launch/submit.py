@@ -8,9 +8,11 @@
    data paths that `rayrlhf train` would use here. With `--no-working-dir` only the resolved
    config travels and the cluster's installed `rayrlhf` runs.
 3. The resolved config is staged as a file inside that working directory
-   (`.rayrlhf-submit/<submission id>.yaml`), and the entrypoint is
+   (`.rayrlhf-submit/<submission id>.yaml`), and the entrypoint runs
    `rayrlhf train .rayrlhf-submit/<submission id>.yaml` — the same command as on a laptop, which
-   is also what `ray job submit -- rayrlhf train CONFIG` runs.
+   is also what `ray job submit -- rayrlhf train CONFIG` runs. A head started from a virtualenv
+   that was not activated has no `rayrlhf` on its PATH; the entrypoint then runs the command
+   with the Python interpreter that runs Ray itself, and failing that says what to do (exit 127).
 4. The job id and its dashboard URL are printed; `--follow` streams the logs and exits with
    the job's outcome (0 when it SUCCEEDED, 1 otherwise).
 
@@ -27,6 +29,7 @@ import asyncio
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import sys
 import tempfile
@@ -148,11 +151,41 @@ def prepare(
         runtime_env["env_vars"] = dict(env_vars)
     return Submission(
         submission_id=submission_id,
-        entrypoint=f"rayrlhf train {config_rel}",
+        entrypoint=entrypoint(["train", config_rel]),
         runtime_env=runtime_env,
         config_yaml=to_yaml(cfg),
         working_dir=wd,
         excludes=all_excludes if wd is not None else [],
+    )
+
+
+# The job supervisor runs an entrypoint with /bin/sh -c, as its child: $PPID is the supervisor, a
+# Python process of the environment Ray runs in, whose memory map names that environment's
+# site-packages (through ray/_raylet.so): <env>/lib/pythonX.Y/site-packages -> <env>/bin/python.
+_FIND_PYTHON = (
+    r"sed -n 's|^.* \(/.*\)/lib/python[0-9.]*/site-packages/ray/_raylet\.so$|\1/bin/python|p' "
+    "/proc/$PPID/maps 2>/dev/null | head -n 1"
+)
+NOT_FOUND = (
+    "rayrlhf submit: the cluster cannot run rayrlhf: it is not on the PATH of the Ray head ($PATH), and "
+    "the Python that runs Ray cannot import it. Install rayrlhf into the environment Ray runs from on "
+    "every node, or start Ray with that environment activated (source .venv/bin/activate && ray start ...)."
+)
+
+
+def entrypoint(args: list[str]) -> str:
+    """A shell entrypoint running `rayrlhf ARGS` on the cluster, robust to a head whose PATH lacks `rayrlhf`.
+
+    Order: `rayrlhf` on PATH; the interpreter that runs Ray (`$py -m rayrlhf.launch.cli`); python3 or
+    python if it can import rayrlhf, ray and torch; otherwise a message saying what to do, exit 127.
+    """
+    cli = " ".join(shlex.quote(a) for a in args)
+    return (
+        f"if command -v rayrlhf >/dev/null 2>&1; then exec rayrlhf {cli}; fi; "
+        f'for py in "$({_FIND_PYTHON})" python3 python; do '
+        f'if [ -n "$py" ] && "$py" -c "import rayrlhf.launch.cli, ray, torch" >/dev/null 2>&1; then '
+        f'exec "$py" -m rayrlhf.launch.cli {cli}; fi; done; '
+        f'echo "{NOT_FOUND}" >&2; exit 127'
     )
 
 
@@ -267,7 +300,7 @@ def run_submit(
     client = make_client(address)
     job_id = submit(client, sub)
     print(f"submitted job {job_id}")
-    print(f"  entrypoint: {sub.entrypoint}")
+    print(f"  entrypoint: rayrlhf train {STAGE_DIR}/{sub.submission_id}.yaml")
     print(f"  dashboard:  {job_url(address, job_id)}")
     if not follow_logs:
         print(f"  logs:       ray job logs --follow {job_id} --address {address}  (with RAY_AUTH_MODE=token)")
