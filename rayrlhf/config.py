@@ -36,6 +36,10 @@ class ModelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype: 'auto' is bfloat16 on GPUs that support it and float32 on CPU."
     )
+    disable_dropout: bool = Field(
+        True, description="Zero every dropout of the policy, critic, reference and reward models (on, updates and "
+        "scoring see different networks and the PPO ratio is not 1 on-policy)."
+    )
 
 
 class RewardConfig(Section):
@@ -44,7 +48,16 @@ class RewardConfig(Section):
     timeout_s: float = Field(30.0, gt=0, description="Per-call timeout of a reward function or HTTP request, seconds.")
     max_retries: int = Field(2, ge=0, description="Retries of a failed HTTP reward request before the samples count as failed.")
     num_workers: int = Field(1, ge=1, description="Reward actors scoring in parallel.")
-    clip: float | None = Field(None, gt=0, description="Clip rewards to [-clip, clip]; null disables.")
+    clip: float | None = Field(None, gt=0, description="Clip each sample's score to [-clip, clip] before advantages; null disables.")
+    normalize: Literal["none", "batch", "running"] = Field(
+        "none", description="Score normalisation before advantages: none, per step (batch), or by running mean/std over the run."
+    )
+    auth_token_env: str | None = Field(
+        None, description="Environment variable holding a token sent as 'Authorization: Bearer' to reward.url (never in the config)."
+    )
+    eval_function: str | None = Field(
+        None, description="Held-out 'true' metric for evaluation rows (file.py:fn or module:fn), beside the training reward."
+    )
 
 
 class DataConfig(Section):
@@ -63,9 +76,13 @@ class AlgorithmConfig(Section):
     name: Literal["ppo", "grpo", "rloo", "reinforce_pp", "sft", "rm", "dpo"] = Field(
         "grpo", description="Training algorithm: online RL (ppo, grpo, rloo, reinforce_pp) or offline (sft, rm, dpo)."
     )
-    group_size: int = Field(1, ge=1, description="Samples per prompt; grpo and rloo need at least 2.")
+    group_size: int | None = Field(
+        None, ge=1, description="Samples per prompt; grpo and rloo need at least 2; null: 8 for grpo and rloo, 1 otherwise."
+    )
     kl_coef: float = Field(0.02, ge=0, description="KL weight β (initial value when the controller is adaptive).")
-    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="KL estimator: k1 = d, k2 = d²/2, k3 = exp(-d)-1+d.")
+    kl_estimator: Literal["k1", "k2", "k3"] | None = Field(
+        None, description="KL estimator (k1 = d, k2 = d²/2, k3 = exp(-d)-1+d); null: k1 as a reward penalty, k3 as a loss term."
+    )
     kl_in_reward: bool | None = Field(
         None, description="KL as a per-token reward penalty (true) or a loss term (false); default: ppo/rloo/reinforce_pp true, grpo false."
     )
@@ -87,6 +104,22 @@ class AlgorithmConfig(Section):
     ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx weight γ on the pretraining NLL (InstructGPT: 27.8); needs data.pretrain.")
     beta: float = Field(0.1, gt=0, description="DPO β.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO label smoothing (conservative DPO).")
+
+    @model_validator(mode="after")
+    def _resolve_kl_estimator(self) -> AlgorithmConfig:
+        """k1 is unbiased as a per-token reward penalty; as a loss term its gradient is zero in expectation
+        on on-policy samples (E[∇log π] = 0), so the default there is GRPO's k3."""
+        if self.group_size is None:
+            self.__dict__["group_size"] = 8 if self.name in GROUP_ALGORITHMS else 1
+        if self.kl_estimator is None:
+            self.__dict__["kl_estimator"] = "k1" if self.kl_as_reward else "k3"
+        elif self.kl_estimator == "k1" and not self.kl_as_reward and self.kl_coef > 0 and self.is_online:
+            raise ValueError(
+                "algorithm.kl_estimator=k1 with the KL as a loss term (algorithm.kl_in_reward false) does not pull "
+                "the policy to the reference: its gradient is zero in expectation on on-policy samples; use k3 "
+                "(GRPO's) or k2 (whose gradient is that of KL(π‖π_ref))"
+            )
+        return self
 
     @property
     def is_online(self) -> bool:
@@ -156,11 +189,17 @@ class ScheduleConfig(Section):
     prompts_per_step: int = Field(8, ge=1, description="Prompts per step; each is sampled algorithm.group_size times.")
     epochs: int = Field(1, ge=1, description="Offline algorithms: passes over data.train (steps caps the total).")
     eval_every: int = Field(0, ge=0, description="Evaluate on data.eval every N steps (0: only at the end).")
+    eval_decoding: Literal["greedy", "sampled", "both"] = Field(
+        "greedy", description="Online evaluation: greedy responses, sampled ones (rollout.temperature), or both."
+    )
+    eval_max_prompts: int | None = Field(None, ge=1, description="Online evaluation: use at most this many data.eval prompts.")
     verify_sync_every: int = Field(1, ge=0, description="Verify worker weights by checksum every N syncs (0 disables).")
 
 
 class CheckpointConfig(Section):
-    every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: only the final model).")
+    every: int | None = Field(
+        None, ge=0, description="Save a resumable checkpoint every N steps; null: every 10% of schedule.steps; 0: never."
+    )
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
 
 
@@ -211,6 +250,12 @@ class JobConfig(Section):
             raise ValueError(f"algorithm.name={algo.name} needs algorithm.group_size >= 2 (got {algo.group_size})")
         if algo.ptx_coef > 0 and self.data.pretrain is None:
             raise ValueError("algorithm.ptx_coef > 0 (PPO-ptx) needs data.pretrain")
+        if self.checkpoint.every is None:
+            self.checkpoint.__dict__["every"] = max(1, self.schedule.steps // 10)
+        if self.reward.url:
+            _check_no_secret_in_url(self.reward.url)
+        if algo.is_online and self.data.train is None:
+            raise ValueError(f"algorithm.name={algo.name} needs data.train: a jsonl/parquet file or dataset with a 'prompt' field")
         if algo.is_online:
             sources = [s for s in (self.model.reward, self.reward.function, self.reward.url) if s]
             if len(sources) != 1:
@@ -236,6 +281,23 @@ class JobConfig(Section):
                     f"the mini-batch of {mini} samples ({'trainer.mini_batch_size' if self.trainer.mini_batch_size else where}) "
                     f"must split evenly over trainer.{role}.num_ranks = {cfg.num_ranks}"
                 )
+
+
+_SECRET_QUERY_KEYS = ("token", "key", "secret", "password", "auth", "signature", "sig", "credential")
+
+
+def _check_no_secret_in_url(url: str) -> None:
+    """A config is written to output_dir, W&B and submitted jobs: credentials belong in the environment."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    parts = urlsplit(url)
+    secret_keys = [k for k, _ in parse_qsl(parts.query) if any(s in k.lower() for s in _SECRET_QUERY_KEYS)]
+    if parts.username or parts.password or secret_keys:
+        raise ValueError(
+            "reward.url carries credentials (" + ("user:password@" if parts.username else ", ".join(secret_keys)) + "); "
+            "configs are written to output_dir, W&B and submitted jobs, so put the token in an environment variable "
+            "and name it in reward.auth_token_env (sent as 'Authorization: Bearer <token>')"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from rayrlhf.algorithms import (
     masked_var,
     masked_whiten,
     ppo_policy_loss,
-    ptx_loss,
     reinforce_pp_advantages,
     reinforce_pp_returns,
     rloo_advantages,
@@ -55,7 +54,6 @@ def test_all_public_names_importable():
     assert len(alg.__all__) == len(set(alg.__all__))
     for name in alg.__all__:
         assert getattr(alg, name) is not None, name
-    assert set(alg.ADVANTAGE_ESTIMATORS) == {"gae", "grpo", "rloo", "reinforce_pp"}
     assert KL_ESTIMATORS == ("k1", "k2", "k3")
 
 
@@ -420,10 +418,32 @@ def test_bradley_terry_loss_by_hand():
     assert loss.item() == pytest.approx((softplus(-1.0) + math.log(2) + 0.0) / 3, rel=1e-6)
 
 
-def test_sequence_logprob_sft_nll_and_ptx():
+def test_sequence_logprob_and_sft_nll():
     token_logp = t([[-1.0, -2.0, -3.0], [-0.5, float("-inf"), float("-inf")]])
     mask = t([[1, 1, 1], [1, 0, 0]])
     torch.testing.assert_close(sequence_logprob(token_logp, mask), t([-6.0, -0.5]))
     assert sft_nll_loss(token_logp, mask).item() == pytest.approx(6.5 / 4)
     assert sft_nll_loss(token_logp, mask, agg="seq-mean-token-mean").item() == pytest.approx((2.0 + 0.5) / 2)
-    assert ptx_loss(t(1.0), t(2.0), 27.8).item() == pytest.approx(1.0 + 27.8 * 2.0)
+
+
+@pytest.mark.parametrize(("estimator", "pulls"), [("k1", False), ("k2", True), ("k3", True)])
+def test_kl_in_the_loss_pulls_the_policy_to_the_reference_except_k1(estimator: str, pulls: bool) -> None:
+    """GRPO's KL loss term on on-policy samples: the expected gradient of β·E[k1] is β·E[∇log π] = 0,
+    so k1 leaves the policy where it is; k2 and k3 move it towards π_ref."""
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.log_softmax(torch.tensor([2.0, 0.0, -1.0, 0.5]), -1)
+    logits = torch.tensor([-1.0, 1.5, 0.0, 0.3], requires_grad=True)
+    true_kl = []
+    for _ in range(60):
+        logp_all = torch.log_softmax(logits, -1)
+        samples = torch.multinomial(logp_all.detach().exp(), 4096, replacement=True, generator=gen)
+        loss = kl_estimate(logp_all[samples], ref[samples], estimator).mean()
+        (grad,) = torch.autograd.grad(loss, logits)
+        with torch.no_grad():
+            logits -= 0.5 * grad
+            p = torch.softmax(logits, -1)
+            true_kl.append(float((p * (p.log() - ref)).sum()))
+    if pulls:
+        assert true_kl[-1] < 0.2 * true_kl[0]
+    else:
+        assert true_kl[-1] > 0.8 * true_kl[0]  # only sampling noise moves it

@@ -29,6 +29,8 @@ algorithm:
   group_size: 4
 reward:
   function: rayrlhf.rewards.tasks:sort_reward
+data:
+  train: prompts.jsonl
 """
 
 
@@ -114,8 +116,9 @@ def test_offline_algorithms_need_no_reward(tmp_path: Path) -> None:
 
 
 def test_kl_placement_defaults() -> None:
-    assert load_config(None, ["algorithm.name=grpo", "algorithm.group_size=2", "reward.function=m:f"]).algorithm.kl_as_reward is False
-    assert load_config(None, ["algorithm.name=rloo", "algorithm.group_size=2", "reward.function=m:f"]).algorithm.kl_as_reward is True
+    base = ["algorithm.group_size=2", "reward.function=m:f", "data.train=p.jsonl"]
+    assert load_config(None, ["algorithm.name=grpo", *base]).algorithm.kl_as_reward is False
+    assert load_config(None, ["algorithm.name=rloo", *base]).algorithm.kl_as_reward is True
 
 
 def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
@@ -154,3 +157,26 @@ def test_validate_cli_exits_2_naming_the_unknown_key(tmp_path: Path) -> None:
 
 def test_missing_file_exits_2(tmp_path: Path) -> None:
     assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
+
+
+def test_defaults_that_make_rl_right() -> None:
+    base = ["data.train=prompts.jsonl", "reward.function=rayrlhf.rewards.tasks:sort_reward"]
+    grpo = load_config(None, base).algorithm
+    assert (grpo.kl_estimator, grpo.group_size, grpo.kl_as_reward) == ("k3", 8, False)  # KL as a loss term: k3
+    ppo = load_config(None, [*base, "algorithm.name=ppo", "model.critic=tiny"]).algorithm
+    assert (ppo.kl_estimator, ppo.group_size, ppo.kl_as_reward) == ("k1", 1, True)  # KL as a reward penalty: k1
+    with pytest.raises(ConfigError, match="kl_estimator=k1 with the KL as a loss term .* gradient is zero in expectation"):
+        load_config(None, [*base, "algorithm.kl_estimator=k1"])
+    assert load_config(None, [*base, "schedule.steps=200"]).checkpoint.every == 20  # checkpoints by default
+    assert load_config(None, [*base, "checkpoint.every=0"]).checkpoint.every == 0
+    with pytest.raises(ConfigError, match="algorithm.name=grpo needs data.train"):
+        load_config(None, ["reward.function=rayrlhf.rewards.tasks:sort_reward"])
+
+
+@pytest.mark.parametrize("url", ["https://user:pw@rm.example/score", "https://rm.example/score?api_key=abc",
+                                 "https://rm.example/score?token=abc&x=1"])
+def test_credentials_in_the_reward_url_are_refused(url: str) -> None:
+    with pytest.raises(ConfigError, match="reward.url carries credentials .* reward.auth_token_env"):
+        load_config(None, ["data.train=p.jsonl", f"reward.url={url}"])
+    assert load_config(None, ["data.train=p.jsonl", "reward.url=https://rm.example/score?model=v2",
+                              "reward.auth_token_env=RM_TOKEN"]).reward.auth_token_env == "RM_TOKEN"

@@ -63,3 +63,43 @@ def test_invalid_group_members_take_the_group_mean() -> None:
     assert filled.tolist() == [1.0, 1.0, 3.0, 5.0]
     out = run("grpo", [1.0, 9.0, 0.0, 1.0], valid=[True, False, True, True])
     assert (out.advantages[:2] == 0).all()
+
+
+def test_scores_are_clipped_then_normalised_and_unscored_samples_stay_out() -> None:
+    from rayrlhf.orchestrator.experience import RunningMoments, shape_scores
+
+    scores = torch.tensor([5.0, -7.0, 1.0, float("nan")])
+    valid = torch.tensor([True, True, True, False])
+    clipped = shape_scores(scores, valid, clip=2.0, normalize="none")
+    assert clipped[:3].tolist() == [2.0, -2.0, 1.0] and clipped[3].isnan()
+    batch = shape_scores(scores, valid, clip=None, normalize="batch")
+    assert batch[:3].mean().abs() < 1e-6 and (batch[:3].std() - 1).abs() < 1e-5 and batch[3].isnan()
+
+    moments = RunningMoments()
+    first = shape_scores(torch.tensor([1.0, 3.0]), torch.tensor([True, True]), None, "running", moments)
+    second = shape_scores(torch.tensor([5.0, 7.0]), torch.tensor([True, True]), None, "running", moments)
+    everything = torch.tensor([1.0, 3.0, 5.0, 7.0])
+    assert moments.count == 4 and moments.mean == pytest.approx(4.0) and moments.std == pytest.approx(float(everything.std()))
+    torch.testing.assert_close(second, (torch.tensor([5.0, 7.0]) - 4.0) / everything.std(), atol=1e-5, rtol=0)
+    assert first.tolist() == pytest.approx([-0.7071, 0.7071], abs=1e-3)  # normalised by the first step alone
+    restored = RunningMoments()
+    restored.load_state_dict(moments.state_dict())
+    assert restored.state_dict() == moments.state_dict()
+
+
+def test_the_kl_controller_reads_only_scored_samples() -> None:
+    from rayrlhf.orchestrator.experience import controller_kl
+
+    kl = torch.tensor([[0.5, 0.5], [0.0, 0.0]])  # the second sample was unscored: its KL was zeroed
+    mask = torch.ones(2, 2)
+    assert controller_kl(kl, mask, torch.tensor([True, False])) == (1.0, 1)  # not 0.5 (the mean with a fake 0)
+
+
+def test_logprob_mismatch_is_zero_for_the_same_model_and_grows_with_a_gap() -> None:
+    from rayrlhf.orchestrator.experience import logprob_mismatch
+
+    logp = torch.tensor([[-1.0, -2.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    assert logprob_mismatch(logp, logp, mask) == {"rollout/logprob_mismatch": 0.0, "rollout/logprob_max_diff": 0.0}
+    off = logprob_mismatch(logp + torch.tensor([[0.1, 0.0, 5.0]]), logp, mask)  # padding differences do not count
+    assert off["rollout/logprob_max_diff"] == pytest.approx(0.1) and 0 < off["rollout/logprob_mismatch"] < 0.01

@@ -50,9 +50,36 @@ def test_build_is_deterministic_in_seed(tmp_path: Path) -> None:
 
 
 def test_critic_gives_one_value_per_token(tiny: Path) -> None:
-    critic = load_critic(tiny, dtype="float32")
-    out = critic(input_ids=torch.tensor([[5, 6, 7], [8, 9, 10]])).logits
-    assert out.shape == (2, 3, 1)
+    from rayrlhf.models.forward import pack_batch, token_values
+
+    critic = load_critic(tiny, dtype="float32").eval()
+    batch = pack_batch([[5, 6, 7], [8, 9]], [[10, 11, 12], [13]], pad_id=0)
+    with torch.no_grad():
+        values = token_values(critic, batch)
+        alone = token_values(critic, pack_batch([[8, 9]], [[13]], pad_id=0))
+    assert values.shape == (2, 3) and values[1, 1:].eq(0).all()  # 0 on padding
+    torch.testing.assert_close(values[1, :1], alone[0], atol=1e-5, rtol=0)  # padding does not change a row's values
+
+
+@pytest.mark.parametrize("loader", [load_policy, load_critic, load_reward_model])
+def test_dropout_in_the_config_is_switched_off(tmp_path: Path, loader) -> None:
+    """With dropout, the network that scores a rollout (eval mode) and the one that is updated (train mode)
+    differ, and the PPO ratio of on-policy samples is not 1."""
+    from rayrlhf.models.architectures import build_architecture
+    from rayrlhf.models.forward import pack_batch, sequence_scores, token_logprobs, token_values
+
+    path = build_architecture("qwen2", tmp_path / "m", attention_dropout=0.5)
+    batch = pack_batch([[5, 6, 7], [8, 9]], [[10, 11, 12], [13]], pad_id=0)
+    fn = {load_policy: lambda m, b: token_logprobs(m, b)[0], load_critic: token_values, load_reward_model: sequence_scores}[loader]
+    for no_dropout in (True, False):
+        model = loader(path, "float32", False, no_dropout)
+        with torch.no_grad():
+            model.eval()
+            scored = fn(model, batch)
+            model.train()
+            torch.manual_seed(0)
+            updated = fn(model, batch)
+        assert torch.equal(scored, updated) is no_dropout
 
 
 def test_reward_model_gives_one_score_per_sequence_at_last_real_token(tiny: Path) -> None:

@@ -28,8 +28,9 @@ LEARNABLE = ("model.policy=tiny:qwen2", "reward.function=rayrlhf.rewards.tasks:a
 
 def test_grpo_raises_the_reward(ray_local: None, tmp_path: Path) -> None:
     rows = train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "grpo", "schedule.steps=25", "checkpoint.every=0",
-                 *LEARNABLE)
+                 *LEARNABLE, "data.eval=null")
     assert [r["step"] for r in rows] == list(range(1, 26))
+    assert max(r["rollout/logprob_mismatch"] for r in rows) < 1e-4  # engine and trainer: the same distribution
     for key in REQUIRED:
         assert key in rows[-1], key
     first, last = mean(rows[:5], "reward/mean"), mean(rows[-5:], "reward/mean")
@@ -46,7 +47,7 @@ def test_grpo_raises_the_reward(ray_local: None, tmp_path: Path) -> None:
 
 def test_ppo_raises_the_reward(ray_local: None, tmp_path: Path) -> None:
     rows = train("cluster_configs/local-cpu/ppo.yaml", tmp_path, "ppo", "schedule.steps=25", "checkpoint.every=0",
-                 *LEARNABLE, "model.critic=tiny:qwen2")
+                 *LEARNABLE, "model.critic=tiny:qwen2", "data.eval=null")
     first, last = mean(rows[:5], "reward/mean"), mean(rows[-5:], "reward/mean")
     print(f"ppo reward: first 5 steps {first:.3f}, last 5 steps {last:.3f}")
     assert last > first + 0.4

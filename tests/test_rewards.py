@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 
 from rayrlhf.errors import InvalidInput
-from rayrlhf.rewards.functions import load_reward_function, score_with_function
+from rayrlhf.rewards.functions import (
+    FunctionRunner,
+    check_reward_function,
+    load_reward_function,
+    score_with_function,
+)
 from rayrlhf.rewards.remote import score_with_http
 from rayrlhf.rewards.tasks import sort_reward, sort_score
 
@@ -62,29 +67,59 @@ def test_bad_specs_name_the_problem(spec: str, pattern: str) -> None:
         load_reward_function(spec)
 
 
+HANGS = '''
+import time
+
+def reward(prompts, responses, **_):
+    if "hang" in responses:
+        time.sleep(3600)
+    return [float(len(r)) for r in responses]
+'''
+
+
+def direct(fn):
+    """A reward function called in this process, with FunctionRunner's calling convention."""
+    return lambda prompts, responses, columns: fn(prompts, responses, **columns)
+
+
 def test_failures_are_isolated_per_sample(flaky_file: Path) -> None:
-    fn = load_reward_function(f"{flaky_file}:reward")
+    runner = FunctionRunner(f"{flaky_file}:reward", timeout_s=10)
     responses = ["a", "boom", "c", "skip", "nan"]
-    scores = score_with_function(fn, ["p"] * 5, responses, {"answer": ["a", "b", "x", "d", "nan"]})
+    scores = score_with_function(runner, ["p"] * 5, responses, {"answer": ["a", "b", "x", "d", "nan"]})
     assert scores == [1.0, None, 0.0, None, 1.0]
+    runner.close()
 
 
 def test_non_finite_and_non_numeric_scores_become_none() -> None:
     def fn(prompts, responses, **_):
         return [float("nan"), "oops", 2, float("inf")]
 
-    assert score_with_function(fn, ["p"] * 4, ["r"] * 4, {}) == [None, None, 2.0, None]
+    assert score_with_function(direct(fn), ["p"] * 4, ["r"] * 4, {}) == [None, None, 2.0, None]
 
 
-def test_timeout_marks_samples_unscored() -> None:
-    def slow(prompts, responses, **_):
-        if responses[0] == "slow":
-            time.sleep(2)
-        return [1.0] * len(prompts)
-
+def test_a_hanging_function_is_stopped_at_its_timeout_without_leaking_a_thread(tmp_path: Path) -> None:
+    """The batch that hangs costs one timeout (not one per sample), the process is replaced, nothing is left running."""
+    path = tmp_path / "hangs.py"
+    path.write_text(HANGS)
+    runner = FunctionRunner(f"{path}:reward", timeout_s=1.0)
+    threads = threading.active_count()
     start = time.monotonic()
-    assert score_with_function(slow, ["p", "p"], ["slow", "fast"], {}, timeout_s=0.2) == [None, 1.0]
-    assert time.monotonic() - start < 1.5
+    assert score_with_function(runner, ["p"] * 4, ["a", "hang", "bc", "d"], {}, timeout_s=1.0) == [None] * 4
+    assert time.monotonic() - start < 1.0 + 20  # one timeout plus a restart, not 4 x the timeout
+    assert runner.restarts == 1 and threading.active_count() == threads
+    assert score_with_function(runner, ["p", "p"], ["ab", "c"], {}, timeout_s=1.0) == [2.0, 1.0]  # the new process works
+    runner.close()
+
+
+def test_reward_function_signature_is_checked_against_the_data_columns(flaky_file: Path) -> None:
+    assert check_reward_function(f"{flaky_file}:reward", ["answer"])
+    with pytest.raises(InvalidInput, match=r"needs the column\(s\) \['answer'\], which data.train does not have"):
+        check_reward_function(f"{flaky_file}:reward", ["solution"])
+    with pytest.raises(InvalidInput, match="would arrive as keyword arguments"):
+        check_reward_function("rayrlhf.rewards.tasks:sort_score", ["answer"])  # (response, answer): positional
+    (Path(flaky_file).parent / "strict.py").write_text("def reward(prompts, responses, answer):\n    return [0.0]\n")
+    with pytest.raises(InvalidInput, match=r"\['level'\] are passed as keyword arguments, which it does not accept"):
+        check_reward_function(f"{Path(flaky_file).parent / 'strict.py'}:reward", ["answer", "level"])
 
 
 @pytest.fixture
@@ -95,6 +130,7 @@ def reward_endpoint() -> Iterator[tuple[str, dict]]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 - http.server API
             state["calls"] += 1
+            state["auth"] = self.headers.get("Authorization")
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             if state["calls"] == 1:
                 self.send_response(503)
@@ -122,8 +158,9 @@ def reward_endpoint() -> Iterator[tuple[str, dict]]:
 
 def test_http_reward_retries_then_succeeds(reward_endpoint: tuple[str, dict]) -> None:
     url, state = reward_endpoint
-    assert score_with_http(url, ["p", "q"], ["ab", "abcd"], {}, timeout_s=2, max_retries=2, backoff_s=0.01) == [2.0, 4.0]
-    assert state["calls"] == 2
+    assert score_with_http(url, ["p", "q"], ["ab", "abcd"], {}, timeout_s=2, max_retries=2, backoff_s=0.01,
+                           token="s3cret") == [2.0, 4.0]
+    assert state["calls"] == 2 and state["auth"] == "Bearer s3cret"  # the token travels as a header, not in the URL
 
 
 def test_http_reward_gives_up_after_bounded_retries() -> None:
@@ -165,3 +202,45 @@ def test_reward_model_server_scores_token_batches(ray_local: None, tiny_model: P
         expected = sequence_scores(load_reward_model(rm_dir, dtype="float32").eval(), batch)
     assert scores == pytest.approx(expected.tolist(), abs=1e-5)
     ray.kill(server)
+
+
+def test_reward_model_scores_that_are_not_finite_count_as_unscored(tiny_model: Path, tmp_path: Path) -> None:
+    import torch
+
+    from rayrlhf.actors.scorers import RewardServer
+    from rayrlhf.models.forward import pack_batch
+    from rayrlhf.models.loading import load_reward_model, load_tokenizer
+
+    rm = load_reward_model(tiny_model, dtype="float32")
+    with torch.no_grad():
+        rm.score.weight.fill_(float("nan"))
+    rm.save_pretrained(tmp_path / "rm")
+    load_tokenizer(tiny_model).save_pretrained(tmp_path / "rm")
+    server = RewardServer(model_path=str(tmp_path / "rm"), dtype="float32")
+    batch = pack_batch([[5, 6, 7], [8, 9]], [[10, 11], [12]], pad_id=0)
+    assert server.score(["", ""], ["", ""], batch=batch) == [None, None]  # not 0 or 3.4e38 later on
+
+
+def test_a_reward_model_with_another_tokenizer_scores_its_own_tokens(tiny_model: Path, tmp_path: Path) -> None:
+    """The policy's token ids mean nothing to it: it re-tokenizes the decoded prompt and response itself."""
+    import torch
+
+    from rayrlhf.actors.scorers import RewardServer
+    from rayrlhf.models.forward import pack_batch, sequence_scores
+    from rayrlhf.models.loading import load_reward_model
+    from rayrlhf.models.tiny import build_tokenizer
+
+    other = build_tokenizer(charset="zyxwvutsrqponmlkjihgfedcba :\n")  # other ids for the same text
+    other.chat_template = None
+    rm = load_reward_model(tiny_model, dtype="float32")
+    rm.save_pretrained(tmp_path / "rm")
+    other.save_pretrained(tmp_path / "rm")
+    server = RewardServer(model_path=str(tmp_path / "rm"), dtype="float32", policy_tokenizer=str(tiny_model))
+    policy_ids = pack_batch([[5, 6]], [[7, 8]], pad_id=0)  # what the policy would have sent
+    scores = server.score(["sort: cba"], ["abc"], batch=policy_ids)
+    own = other("sort: cbaabc")["input_ids"] + [other.eos_token_id]
+    with torch.no_grad():
+        expected = sequence_scores(load_reward_model(tmp_path / "rm", dtype="float32").eval(), pack_batch([[]], [own], 0))
+    assert scores == pytest.approx(expected.tolist(), abs=1e-5)
+    same = RewardServer(model_path=str(tiny_model), dtype="float32", policy_tokenizer=str(tiny_model))
+    assert same.tokenizer is None  # same tokenizer: the policy's tokens are scored as they are

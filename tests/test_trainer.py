@@ -33,7 +33,6 @@ from rayrlhf.models.forward import pack_batch, sequence_scores, token_logprobs
 from rayrlhf.models.loading import load_policy, load_reward_model, load_tokenizer
 
 LR = 1e-3
-STATE: dict[str, bool] = {"policy_trained": False}
 
 
 def random_batch(seed: int, rows: int, vocab: int, prompt_lens: list[int], response_lens: list[int]) -> dict:
@@ -64,17 +63,25 @@ def vocab(tiny_model: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def policy3(tiny_model: Path, ray_local: None):
+def policy3(tiny_model: Path, ray_local: None, tmp_path_factory: pytest.TempPathFactory):
     settings = TrainerSettings(zero_stage=3, micro_batch_size=2, lr=LR, lr_schedule="linear", total_steps=50,
                                max_grad_norm=1.0, dtype="float32")
     group = TrainerGroup("policy", str(tiny_model), settings, num_ranks=2, name_prefix="test-policy3")
+    group.fresh = str(tmp_path_factory.mktemp("fresh"))  # the untrained state: tests that need it load it
+    group.save_checkpoint(group.fresh, "fresh")
     yield group
     group.shutdown()
 
 
+def fresh(group: TrainerGroup) -> TrainerGroup:
+    """The group back at its untrained weights, optimizer and LR schedule, whatever ran before."""
+    group.load_checkpoint(group.fresh, "fresh")
+    return group
+
+
 def test_settings_follow_the_job_config() -> None:
     cfg = JobConfig.model_validate({
-        "algorithm": {"name": "grpo", "group_size": 4}, "reward": {"function": "x.py:f"},
+        "algorithm": {"name": "grpo", "group_size": 4}, "reward": {"function": "x.py:f"}, "data": {"train": "p.jsonl"},
         "schedule": {"prompts_per_step": 8}, "trainer": {"micro_batch_size": 2, "mini_batch_size": 16,
                                                          "policy": {"num_ranks": 2, "lr": 3e-6, "warmup_steps": 2}},
     })
@@ -132,13 +139,14 @@ def test_zero3_logprobs_match_a_single_process(policy3: TrainerGroup, tiny_model
     assert out["logp"].shape == batch["mask"].shape
     torch.testing.assert_close(out["logp"], logp, atol=1e-5, rtol=0)
     torch.testing.assert_close(out["entropy"], entropy, atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="split evenly over 2 rank"):
-        policy3.forward_logprobs(random_batch(1, 3, vocab, [2], [2]))
+    odd = random_batch(1, 3, vocab, [2], [2])  # 3 rows on 2 ranks: padded with a repeated row, then cut off
+    with torch.no_grad():
+        expected, _ = token_logprobs(reference, odd)
+    torch.testing.assert_close(policy3.forward_logprobs(odd)["logp"], expected, atol=1e-5, rtol=0)
 
 
 def test_weight_stream_is_the_hf_state_dict(policy3: TrainerGroup, tiny_model: Path) -> None:
-    assert not STATE["policy_trained"], "needs the untrained policy"
-    streamed = stream_state(policy3)
+    streamed = stream_state(fresh(policy3))
     expected = load_policy(tiny_model, dtype="float32").state_dict()
     assert sorted(streamed) == sorted(expected)
     for name, tensor in expected.items():
@@ -148,7 +156,7 @@ def test_weight_stream_is_the_hf_state_dict(policy3: TrainerGroup, tiny_model: P
 
 def test_accumulated_step_equals_a_full_batch_step(policy3: TrainerGroup, tiny_model: Path, vocab: int) -> None:
     """2 ranks x 2 micro-batches with uneven token counts == one single-process AdamW step on all 8 rows."""
-    assert not STATE["policy_trained"], "needs a fresh optimizer"
+    fresh(policy3)  # a fresh optimizer and LR schedule
     batch = random_batch(2, 8, vocab, prompt_lens=[2, 4, 3], response_lens=[1, 6, 2, 5, 3, 6, 1, 2])
     model = load_policy(tiny_model, dtype="float32")
     model.load_state_dict(stream_state(policy3))
@@ -159,7 +167,6 @@ def test_accumulated_step_equals_a_full_batch_step(policy3: TrainerGroup, tiny_m
     optimizer.step()
 
     metrics = policy3.train_step(batch, "sft", {})
-    STATE["policy_trained"] = True
     assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-6)
     assert metrics["grad_norm"] == pytest.approx(float(norm), rel=1e-5)
     assert metrics["lr"] == pytest.approx(LR)
@@ -171,8 +178,8 @@ def test_accumulated_step_equals_a_full_batch_step(policy3: TrainerGroup, tiny_m
         torch.testing.assert_close(after[name], tensor, atol=0.02 * LR, rtol=0, msg=name)
 
 
-def test_weight_stream_follows_training(policy3: TrainerGroup, tiny_model: Path) -> None:
-    assert STATE["policy_trained"]
+def test_weight_stream_follows_training(policy3: TrainerGroup, tiny_model: Path, vocab: int) -> None:
+    fresh(policy3).train_step(random_batch(4, 4, vocab, prompt_lens=[3], response_lens=[4]), "sft", {})
     streamed = stream_state(policy3)
     sums = whole_checksums(policy3.checksums())
     assert {n: tensor_checksum(t) for n, t in streamed.items()} == sums
@@ -191,6 +198,8 @@ def test_export_hf_loads_with_transformers(policy3: TrainerGroup, tmp_path: Path
 def test_checkpoint_resumes_exactly(policy3: TrainerGroup, tmp_path: Path, vocab: int) -> None:
     batch = random_batch(3, 4, vocab, prompt_lens=[3, 2], response_lens=[3, 5, 2, 4])
     policy3.save_checkpoint(str(tmp_path / "ckpt"), "t1")
+    for rank in (0, 1):  # the ranks' RNG states are tensors and plain values: no pickled code runs on load
+        torch.load(tmp_path / "ckpt" / "t1" / f"rng_rank{rank}.pt", weights_only=True)
     first = [policy3.train_step(batch, "sft", {}) for _ in range(2)]
     policy3.load_checkpoint(str(tmp_path / "ckpt"), "t1")
     again = [policy3.train_step(batch, "sft", {}) for _ in range(2)]
@@ -227,6 +236,26 @@ def test_dpo_steps_prefer_the_chosen_responses(policy3: TrainerGroup, vocab: int
     steps = [policy3.train_step(batch, "dpo", {"beta": 0.5}) for _ in range(3)]
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # the policy is its own reference
     assert steps[-1]["loss"] < steps[0]["loss"] and steps[-1]["margin"] > 0 and steps[-1]["accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("no_dropout", [True, False])
+def test_on_policy_ppo_ratio_is_exactly_one_with_dropout_in_the_config(
+    ray_local: None, tmp_path: Path, vocab: int, no_dropout: bool
+) -> None:
+    """Old log-probs are computed in eval mode, the update runs in train mode: with the config's dropout
+    switched off (model.disable_dropout, the default) every ratio of the first step is exactly 1."""
+    from rayrlhf.models.architectures import build_architecture
+
+    path = build_architecture("qwen2", tmp_path / "dropout", attention_dropout=0.3)
+    settings = TrainerSettings(zero_stage=2, micro_batch_size=4, lr=1e-3, dtype="float32", disable_dropout=no_dropout)
+    group = TrainerGroup("policy", str(path), settings, num_ranks=1, name_prefix=f"test-dropout-{no_dropout}")
+    try:
+        batch = random_batch(8, 4, vocab, prompt_lens=[3, 2], response_lens=[4, 6])
+        batch |= {"old_logp": group.forward_logprobs(batch)["logp"], "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5])}
+        metrics = group.train_step(batch, "ppo", {})
+        assert (metrics["approx_kl"] == 0.0 and metrics["clipfrac"] == 0.0) is no_dropout, metrics
+    finally:
+        group.shutdown()
 
 
 def test_critic_value_steps_reduce_the_loss(tiny_model: Path, ray_local: None, vocab: int) -> None:

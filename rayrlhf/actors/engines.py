@@ -31,6 +31,7 @@ class Engine(Protocol):
     def step(self) -> list[Completion]: ...
     def has_unfinished(self) -> bool: ...
     def num_unfinished(self) -> int: ...
+    def reset_prefix_cache(self) -> None: ...
     def begin_weight_update(self, aliases: dict[str, str] | None = None) -> None: ...
     def load_weights(self, bucket: Bucket) -> None: ...
     def finish_weight_update(self) -> None: ...
@@ -221,6 +222,9 @@ class VLLMEngine:
     def num_unfinished(self) -> int:
         return self._engine.get_num_unfinished_requests()
 
+    def reset_prefix_cache(self) -> None:
+        self._engine.reset_prefix_cache()
+
     def begin_weight_update(self, aliases: dict[str, str] | None = None) -> None:
         """Swap every layer for a loader that buffers incoming weights until the layer is complete.
 
@@ -376,6 +380,9 @@ class HFEngine:
 
     def num_unfinished(self) -> int:
         return len(self._pending)
+
+    def reset_prefix_cache(self) -> None:
+        """transformers generate keeps no cache between batches."""
 
     def begin_weight_update(self, aliases: dict[str, str] | None = None) -> None:
         self._loaded = set(aliases or {})  # tied: updated with the tensor they share

@@ -167,6 +167,11 @@ class RolloutWorker:
     def weight_version(self) -> int:
         return self._version
 
+    def reset_prefix_cache(self) -> None:
+        """Forget cached prompt KV (cached blocks are reused across requests with the same prefix)."""
+        with self._engine_lock:
+            self._engine.reset_prefix_cache()
+
     def ready(self) -> bool:
         """True once the engine is up (the constructor built it); raises if the engine has failed."""
         if self._failed is not None:

@@ -7,12 +7,13 @@ they hold no optimizer and never change their weights.
 from __future__ import annotations
 
 import logging
+import os
 
 import ray
 import torch
 
-from rayrlhf.models.forward import sequence_scores, token_logprobs
-from rayrlhf.models.loading import load_policy, load_reward_model
+from rayrlhf.models.forward import pack_batch, sequence_scores, token_logprobs
+from rayrlhf.models.loading import load_policy, load_reward_model, load_tokenizer, same_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,11 @@ class ReferenceServer:
 
     def __init__(
         self, model_path: str, dtype: str = "auto", trust_remote_code: bool = False, micro_batch_size: int = 16,
-        temperature: float = 1.0,
+        temperature: float = 1.0, no_dropout: bool = True,
     ) -> None:
         torch.set_grad_enabled(False)
         self.device = _device()
-        self.model = load_policy(model_path, dtype, trust_remote_code).to(self.device).eval()
+        self.model = load_policy(model_path, dtype, trust_remote_code, no_dropout).to(self.device).eval()
         self.micro_batch_size = micro_batch_size
         self.temperature = temperature
 
@@ -55,7 +56,11 @@ class ReferenceServer:
 class RewardServer:
     """The reward: a sequence-classification model, a Python function, or a remote HTTP endpoint.
 
-    `score` returns one float per sample, or None for a sample that could not be scored.
+    `score` returns one float per sample, or None for a sample that could not be scored (a
+    function that raised or timed out, an endpoint that kept failing, a model score that is NaN
+    or infinite). A reward model whose tokenizer differs from the policy's scores the decoded
+    prompt and response, re-tokenized with its own tokenizer (and chat template, if it has one);
+    with the same tokenizer it scores the policy's tokens as they are.
     """
 
     def __init__(
@@ -68,29 +73,32 @@ class RewardServer:
         timeout_s: float = 30.0,
         max_retries: int = 2,
         micro_batch_size: int = 16,
+        policy_tokenizer: str | None = None,
+        auth_token_env: str | None = None,
+        no_dropout: bool = True,
     ) -> None:
         if sum(x is not None for x in (model_path, function, url)) != 1:
             raise ValueError("RewardServer needs exactly one of model_path, function, url")
         torch.set_grad_enabled(False)
         self.kind = "model" if model_path else "function" if function else "url"
         self.timeout_s, self.max_retries, self.micro_batch_size = timeout_s, max_retries, micro_batch_size
-        self.url = url
+        self.url, self.auth_token_env = url, auth_token_env
         self.fn = None
         self.model = None
+        self.tokenizer = None  # the reward model's own, when it is not the policy's
         self.device = _device()
         if model_path:
-            self.model = load_reward_model(model_path, dtype, trust_remote_code).to(self.device).eval()
+            self.model = load_reward_model(model_path, dtype, trust_remote_code, no_dropout).to(self.device).eval()
+            if policy_tokenizer is not None and not same_tokenizer(model_path, policy_tokenizer, trust_remote_code):
+                self.tokenizer = load_tokenizer(model_path, trust_remote_code)
+                log.info("reward model %s has its own tokenizer: it scores re-tokenized text", model_path)
         elif function:
-            from rayrlhf.rewards.functions import load_reward_function
+            from rayrlhf.rewards.functions import FunctionRunner
 
-            self.fn = load_reward_function(function)
+            self.fn = FunctionRunner(function, timeout_s)
 
     def ready(self) -> bool:
         return True
-
-    @property
-    def needs_tokens(self) -> bool:
-        return self.kind == "model"
 
     def score(
         self,
@@ -100,22 +108,39 @@ class RewardServer:
         batch: dict[str, torch.Tensor] | None = None,
     ) -> list[float | None]:
         """Scores for a batch of samples; `batch` (token tensors) is needed by a reward model only."""
+        from rayrlhf.rewards.functions import _clean
+
         columns = columns or {}
         if self.kind == "model":
+            if self.tokenizer is not None:
+                batch = self._retokenize(prompts, responses)
             if batch is None:
                 raise ValueError("a reward model scores token batches: pass batch=")
             parts = []
             for mb in _micro_batches(batch, self.micro_batch_size):
                 mb = {k: v.to(self.device) for k, v in mb.items()}
                 parts.append(sequence_scores(self.model, mb).cpu())
-            return [float(x) for x in torch.cat(parts)]
+            return [_clean(float(x)) for x in torch.cat(parts)]
         if self.kind == "function":
             from rayrlhf.rewards.functions import score_with_function
 
             return score_with_function(self.fn, prompts, responses, columns, self.timeout_s)
         from rayrlhf.rewards.remote import score_with_http
 
-        return score_with_http(self.url, prompts, responses, columns, self.timeout_s, self.max_retries)
+        token = os.environ.get(self.auth_token_env, "") if self.auth_token_env else ""
+        return score_with_http(self.url, prompts, responses, columns, self.timeout_s, self.max_retries, token=token or None)
+
+    def _retokenize(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
+        """The samples as the reward model's own tokenizer and chat template write them."""
+        tok = self.tokenizer
+        ids = []
+        for prompt, response in zip(prompts, responses, strict=True):
+            if getattr(tok, "chat_template", None):
+                chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+                ids.append(tok.apply_chat_template(chat, tokenize=True, return_dict=False))
+            else:
+                ids.append(tok(prompt + response, add_special_tokens=True)["input_ids"] + [tok.eos_token_id])
+        return pack_batch([[] for _ in ids], ids, tok.pad_token_id)
 
 
 RemoteReferenceServer = ray.remote(ReferenceServer)

@@ -43,6 +43,7 @@ from rayrlhf.actors.weights import Bucket, Region, bucketize, full_region, regio
 from rayrlhf.models.forward import sequence_scores, token_logprobs, token_values
 from rayrlhf.models.hf_layout import checkpoint_aliases, checkpoint_format, module_weights
 from rayrlhf.models.loading import load_critic, load_policy, load_reward_model, resolve_dtype
+from rayrlhf.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class TrainerSettings:
     trust_remote_code: bool = False
     seed: int = 0
     temperature: float = 1.0  # sampling temperature the policy's log-probs are computed at
+    disable_dropout: bool = True
 
 
 def deepspeed_config(s: TrainerSettings, world_size: int, bf16: bool) -> dict[str, Any]:
@@ -178,7 +180,7 @@ class TrainerRank:
         random.seed(s.seed)
         np.random.seed(s.seed)
         torch.manual_seed(s.seed)  # identical new heads (critic / reward) on every rank
-        hf = _LOADERS[self.role](self.model_path, dtype=s.dtype, trust_remote_code=s.trust_remote_code)
+        hf = _LOADERS[self.role](self.model_path, s.dtype, s.trust_remote_code, s.disable_dropout)
         if s.gradient_checkpointing:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         hf.config.use_cache = False
@@ -288,7 +290,7 @@ class TrainerRank:
     def save_checkpoint(self, directory: str, tag: str) -> None:
         """Model, optimizer, LR scheduler (DeepSpeed's files) plus this rank's RNG states."""
         self.engine.save_checkpoint(directory, tag=tag, client_state={"settings": asdict(self.settings)})
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        rng = rng_state()  # tensors and plain values only: it loads back with weights_only=True
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         (Path(directory) / tag).mkdir(parents=True, exist_ok=True)
@@ -303,10 +305,8 @@ class TrainerRank:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {directory}")
         rng_file = Path(directory) / tag / f"rng_rank{self.rank}.pt"
         if rng_file.exists():
-            rng = torch.load(rng_file, weights_only=False)
-            random.setstate(rng["python"])
-            np.random.set_state(rng["numpy"])
-            torch.set_rng_state(rng["torch"])
+            rng = torch.load(rng_file, weights_only=True)
+            set_rng_state(rng)
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
         torch.distributed.barrier()

@@ -67,6 +67,7 @@ def trainer_settings(cfg: JobConfig, role: str, total_steps: int) -> TrainerSett
         trust_remote_code=cfg.model.trust_remote_code,
         seed=cfg.seed,
         temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0,
+        disable_dropout=cfg.model.disable_dropout,
     )
 
 
@@ -160,23 +161,34 @@ class TrainerGroup:
 
     # ---------------------------------------------------------------- forward passes
 
+    def _even(self, batch: Batch) -> tuple[Batch, int]:
+        """`batch` with its last row repeated until the rows split evenly over the ranks, and the real row count."""
+        rows = int(batch["input_ids"].shape[0])
+        extra = -rows % self.num_ranks
+        if extra:
+            batch = {k: torch.cat([v, v[-1:].expand(extra, *v.shape[1:])]) for k, v in batch.items()}
+        return batch, rows
+
     def forward_logprobs(
         self, batch: Batch, with_entropy: bool = False, temperature: float | None = None
     ) -> dict[str, torch.Tensor]:
-        """Per-token log-probs [B, T] (and entropy [B, T] when asked) of the policy.
+        """Per-token log-probs [B, T] (and entropy [B, T] when asked) of the policy, for any number of rows.
 
         `temperature` defaults to the sampling temperature the group was configured with.
         """
+        batch, rows = self._even(batch)
         outs = self._call("forward_logprobs", per_rank=[(s, with_entropy, temperature) for s in self._split(batch)])
-        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+        return {k: torch.cat([o[k] for o in outs])[:rows] for k in outs[0]}
 
     def forward_values(self, batch: Batch) -> torch.Tensor:
         """Critic values [B, T]."""
-        return torch.cat(self._call("forward_values", per_rank=[(s,) for s in self._split(batch)]))
+        batch, rows = self._even(batch)
+        return torch.cat(self._call("forward_values", per_rank=[(s,) for s in self._split(batch)]))[:rows]
 
     def forward_scores(self, batch: Batch) -> torch.Tensor:
         """Reward-model scores [B]."""
-        return torch.cat(self._call("forward_scores", per_rank=[(s,) for s in self._split(batch)]))
+        batch, rows = self._even(batch)
+        return torch.cat(self._call("forward_scores", per_rank=[(s,) for s in self._split(batch)]))[:rows]
 
     # ---------------------------------------------------------------- training and state
 

@@ -5,7 +5,6 @@ any trainer actor.
 """
 
 from .advantages import (
-    ADVANTAGE_ESTIMATORS,
     gae,
     group_advantages,
     reinforce_pp_advantages,
@@ -27,7 +26,6 @@ from .losses import (
     bradley_terry_loss,
     dpo_loss,
     ppo_policy_loss,
-    ptx_loss,
     sequence_logprob,
     sft_nll_loss,
     value_loss,
@@ -35,7 +33,6 @@ from .losses import (
 from .utils import explained_variance, masked_mean, masked_sum, masked_var, masked_whiten
 
 __all__ = [
-    "ADVANTAGE_ESTIMATORS",
     "AGG_MODES",
     "KL_CONTROLLERS",
     "KL_ESTIMATORS",
@@ -54,7 +51,6 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "ppo_policy_loss",
-    "ptx_loss",
     "reinforce_pp_advantages",
     "reinforce_pp_returns",
     "rloo_advantages",

@@ -8,14 +8,11 @@ tensors that are exactly 0 on padding.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from .utils import masked_whiten
 
 __all__ = [
-    "ADVANTAGE_ESTIMATORS",
     "token_rewards",
     "gae",
     "group_advantages",
@@ -154,13 +151,3 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: fl
     several samples per prompt. 0 on padding.
     """
     return masked_whiten(reinforce_pp_returns(rewards, mask, gamma), mask)
-
-
-# Names accepted in configs -> estimator. Signatures differ (token-level GAE needs values;
-# group estimators need group_size), so callers dispatch on the name, not blindly on the callable.
-ADVANTAGE_ESTIMATORS: dict[str, Callable[..., object]] = {
-    "gae": gae,
-    "grpo": group_advantages,
-    "rloo": rloo_advantages,
-    "reinforce_pp": reinforce_pp_advantages,
-}

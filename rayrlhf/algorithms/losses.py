@@ -1,4 +1,4 @@
-"""Training losses: clipped PPO policy/value losses, DPO, Bradley-Terry reward model, SFT/ptx.
+"""Training losses: clipped PPO policy/value losses, DPO, Bradley-Terry reward model, SFT (and PPO-ptx's NLL).
 
 Token-level losses are reduced by :func:`aggregate_loss`, so every trainer can pick the same
 aggregation mode (the choice matters: token-mean weights long responses more, Dr. GRPO's
@@ -22,7 +22,6 @@ __all__ = [
     "bradley_terry_loss",
     "sequence_logprob",
     "sft_nll_loss",
-    "ptx_loss",
 ]
 
 AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -187,12 +186,3 @@ def sft_nll_loss(
 ) -> torch.Tensor:
     """Negative log-likelihood of the target tokens (token mean by default), for SFT and ptx."""
     return aggregate_loss(-token_logp, mask, agg, agg_constant)
-
-
-def ptx_loss(policy_loss: torch.Tensor, ptx_nll: torch.Tensor, ptx_coef: float) -> torch.Tensor:
-    """InstructGPT "PPO-ptx": mix pretraining NLL into the RL loss to limit the alignment tax.
-
-    ``policy_loss + ptx_coef * ptx_nll``; Ouyang et al. (2022) used ``ptx_coef`` (their gamma)
-    = 27.8 together with KL coefficient beta = 0.02.
-    """
-    return policy_loss + ptx_coef * ptx_nll

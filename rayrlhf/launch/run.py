@@ -15,15 +15,16 @@ def run_job(cfg: JobConfig, resume: bool = False) -> Path:
     """Run `cfg` to completion and return the folder of the final model."""
     import ray
 
-    offline = None
+    offline = checked = None
     if not cfg.algorithm.is_online:
         from rayrlhf.orchestrator.offline import OfflineTrainer
 
         offline = OfflineTrainer(cfg, resume=resume)  # reads and checks the data before Ray starts
     else:
-        from rayrlhf.orchestrator.plan import check_plan
+        from rayrlhf.orchestrator.preflight import preflight
 
-        log.info("actor plan:\n%s", check_plan(cfg).describe())  # a job that cannot run stops here
+        checked = preflight(cfg)  # plan, models, data, reward function: a job that cannot run stops here
+        log.info("actor plan:\n%s", checked.plan.describe())
     mode = connect(cfg)
     try:
         if offline is not None:
@@ -33,7 +34,7 @@ def run_job(cfg: JobConfig, resume: bool = False) -> Path:
                 offline.shutdown()
         from rayrlhf.orchestrator.online import OnlineRL
 
-        job = OnlineRL(cfg, resume=resume)
+        job = OnlineRL(cfg, resume=resume, checked=checked)
         try:
             return job.run()
         finally:

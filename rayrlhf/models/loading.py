@@ -45,14 +45,44 @@ def _pad_id(path: str | Path, trust_remote_code: bool) -> int | None:
     return load_tokenizer(path, trust_remote_code).pad_token_id
 
 
-def load_policy(path: str | Path, dtype: str = "auto", trust_remote_code: bool = False) -> PreTrainedModel:
+def same_tokenizer(path_a: str | Path, path_b: str | Path, trust_remote_code: bool = False) -> bool:
+    """Whether two models tokenize text the same way (same vocabulary and special tokens)."""
+    if Path(str(path_a)).resolve() == Path(str(path_b)).resolve():
+        return True
+    a, b = load_tokenizer(path_a, trust_remote_code), load_tokenizer(path_b, trust_remote_code)
+    return a.get_vocab() == b.get_vocab() and a.all_special_ids == b.all_special_ids
+
+
+def disable_dropout(model: PreTrainedModel) -> PreTrainedModel:
+    """Set every dropout probability of `model` (its layers and its config) to 0, in place.
+
+    RL scores rollouts in eval mode and updates in train mode; with dropout the two are different
+    networks, and the PPO ratio of a sample under the very weights that produced it is not 1.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for key, value in model.config.to_dict().items():
+        if isinstance(value, float) and value > 0 and ("dropout" in key or key.endswith("pdrop")):
+            setattr(model.config, key, 0.0)
+    for module in model.modules():  # attention implementations read their dropout from attributes
+        for attr in ("attention_dropout", "dropout", "resid_pdrop", "embd_pdrop"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+    return model
+
+
+def load_policy(
+    path: str | Path, dtype: str = "auto", trust_remote_code: bool = False, no_dropout: bool = True
+) -> PreTrainedModel:
     """A causal LM for the policy or the frozen reference."""
-    return AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
-    )
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
+    return disable_dropout(model) if no_dropout else model
 
 
-def load_critic(path: str | Path, dtype: str = "auto", trust_remote_code: bool = False) -> PreTrainedModel:
+def load_critic(
+    path: str | Path, dtype: str = "auto", trust_remote_code: bool = False, no_dropout: bool = True
+) -> PreTrainedModel:
     """The value model V(s_t) for GAE: a one-label sequence classifier whose `score` head is read at
     every token (`forward.token_values`), not only at the last one.
 
@@ -61,15 +91,18 @@ def load_critic(path: str | Path, dtype: str = "auto", trust_remote_code: bool =
     architecture with a sequence-classification class works (token-classification classes are
     missing for some, e.g. Gemma-3, and add a dropout layer before their head).
     """
-    return load_reward_model(path, dtype, trust_remote_code)
+    return load_reward_model(path, dtype, trust_remote_code, no_dropout)
 
 
-def load_reward_model(path: str | Path, dtype: str = "auto", trust_remote_code: bool = False) -> PreTrainedModel:
+def load_reward_model(
+    path: str | Path, dtype: str = "auto", trust_remote_code: bool = False, no_dropout: bool = True
+) -> PreTrainedModel:
     """A sequence classifier with one label: the score read at the last non-padding token."""
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     config.num_labels = 1
     if config.pad_token_id is None:
         config.pad_token_id = _pad_id(path, trust_remote_code)
-    return AutoModelForSequenceClassification.from_pretrained(
+    model = AutoModelForSequenceClassification.from_pretrained(
         str(path), config=config, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
     )
+    return disable_dropout(model) if no_dropout else model

@@ -10,37 +10,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from rayrlhf.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "orchestrator.json"
 RNG_FILE = "rng.pt"
-
-
-def rng_state() -> dict[str, Any]:
-    """The driver's random states (Python, NumPy, torch) — all the orchestrator itself draws from."""
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
 
 
 def save_checkpoint(

@@ -96,12 +96,89 @@ def compute_advantages(
     return Advantages(advantages=advantages * mask, returns=returns, kl=kl, rewards=rewards, scores=scores)
 
 
+class RunningMoments:
+    """Running mean and variance of scores over the whole run (Chan et al.'s parallel update), checkpointed."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0.0, 0.0, 0.0
+
+    def update(self, values: torch.Tensor) -> None:
+        values = values.double()
+        n = float(values.numel())
+        if n == 0:
+            return
+        mean, m2 = float(values.mean()), float(((values - values.mean()) ** 2).sum())
+        delta, total = mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.m2 += m2 + delta * delta * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / max(self.count - 1.0, 1.0)) ** 0.5
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = float(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+def shape_scores(
+    scores: torch.Tensor, valid: torch.Tensor, clip: float | None, normalize: str, moments: RunningMoments | None = None,
+) -> torch.Tensor:
+    """Scores as the advantages see them: clipped to [-clip, clip], then normalised.
+
+    `normalize`: "none"; "batch" (zero mean, unit std over this step's scored samples); "running"
+    (by the mean and std of every scored sample so far, `moments` updated with this step's first).
+    Unscored samples keep their NaN: the advantage step masks them out.
+    """
+    out = scores.clone()
+    ok = valid & torch.isfinite(scores)
+    if clip is not None:
+        out[ok] = out[ok].clamp(-clip, clip)
+    if normalize == "batch" and int(ok.sum()) > 1:
+        out[ok] = (out[ok] - out[ok].mean()) / (out[ok].std() + 1e-8)
+    elif normalize == "running":
+        if moments is None:
+            raise ValueError("reward.normalize=running needs the run's RunningMoments")
+        moments.update(out[ok])
+        out[ok] = (out[ok] - moments.mean) / (moments.std + 1e-8)
+    elif normalize not in ("none", "batch"):
+        raise ValueError(f"unknown reward normalisation {normalize!r}")
+    return out
+
+
 def kl_per_sequence(kl: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean over sequences of the summed per-token KL (what the adaptive controller targets)."""
     rows = mask.sum(dim=1) > 0
     return float((kl * mask).sum(dim=1)[rows].mean()) if rows.any() else 0.0
 
 
+def controller_kl(kl: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> tuple[float, int]:
+    """(mean summed KL per scored sequence, scored samples): what the adaptive KL controller is fed.
+
+    Unscored samples are masked out of the update and their KL was zeroed; counting them would
+    pull the controller's reading towards 0.
+    """
+    scored = mask * valid.to(mask.dtype).unsqueeze(1)
+    return kl_per_sequence(kl, scored), int(valid.sum())
+
+
 def kl_token_mean(kl: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean per-token KL over all response tokens (the `kl/mean` metric)."""
     return float(masked_mean(kl, mask))
+
+
+def logprob_mismatch(sample_logp: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """How far the engine that sampled is from the trainer, on the same tokens and weights.
+
+    `rollout/logprob_mismatch` is the k3 estimate of KL(engine ‖ trainer) per token (the tokens
+    were drawn from the engine); `rollout/logprob_max_diff` the largest |difference|. Both are ~0
+    when engine and trainer compute the same distribution; kernels, dtypes or a stale weight
+    sync make them grow, and then PPO's ratios are off-policy without anyone having asked for it.
+    """
+    mask = mask.to(logp.dtype)
+    kl = kl_estimate(sample_logp.to(logp.dtype), logp, "k3")
+    diff = torch.where(mask != 0, (sample_logp - logp).abs(), torch.zeros_like(logp))
+    return {"rollout/logprob_mismatch": float(masked_mean(kl, mask)), "rollout/logprob_max_diff": float(diff.max())}

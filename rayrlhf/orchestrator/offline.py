@@ -55,15 +55,6 @@ FORWARD_ROWS = 256  # rows per forward-only call (evaluation, reference log-prob
 Batch = dict[str, torch.Tensor]
 
 
-def padded_forward(batch: Batch, ranks: int, call: Callable[[Batch], torch.Tensor]) -> torch.Tensor:
-    """`call(batch)` with the last row repeated until the rows split evenly over `ranks`; padding cut off."""
-    rows = batch["input_ids"].shape[0]
-    extra = -rows % ranks
-    if extra:
-        batch = {k: torch.cat([v, v[-1:].expand(extra, *v.shape[1:])]) for k, v in batch.items()}
-    return call(batch)[:rows]
-
-
 class OfflineTrainer:
     """One sft / rm / dpo job. The constructor only reads data (bad input fails fast); `run` starts the actors."""
 
@@ -162,7 +153,7 @@ class OfflineTrainer:
             nll, tokens = 0.0, 0.0
             for chunk in _chunks(self.eval):
                 batch = pack_batch([e.prompt_ids for e in chunk], [e.responses[0] for e in chunk], self._pad)
-                logp = padded_forward(batch, self.group.num_ranks, self._logprobs)
+                logp = self._logprobs(batch)
                 nll, tokens = nll - float((logp * batch["mask"]).sum()), tokens + float(batch["mask"].sum())
             out = {"eval/loss": nll / tokens}
         elif self.algo == "rm":
@@ -217,13 +208,12 @@ class OfflineTrainer:
     def _scores(self, batch: Batch) -> torch.Tensor:
         return self.group.forward_scores(batch)
 
-    def _per_pair(self, examples: list[Example], which: int, call: Callable[[Batch], torch.Tensor],
-                  ranks: int | None = None) -> torch.Tensor:
+    def _per_pair(self, examples: list[Example], which: int, call: Callable[[Batch], torch.Tensor]) -> torch.Tensor:
         """One figure per pair for response `which` (0 chosen, 1 rejected): a score, or a sequence log-prob."""
         out = []
         for chunk in _chunks(examples):
             batch = pack_batch([e.prompt_ids for e in chunk], [e.responses[which] for e in chunk], self._pad)
-            value = padded_forward(batch, ranks or self.group.num_ranks, call)
+            value = call(batch)
             out.append(value if value.dim() == 1 else sequence_logprob(value, batch["mask"]))
         return torch.cat(out)
 
@@ -235,14 +225,14 @@ class OfflineTrainer:
         """
         cfg, t0 = self.cfg, time.monotonic()
         ref_path = resolve_model_path(cfg.model.reference or cfg.model.policy, self.out / ".models", cfg.seed)
-        server, call, ranks = None, self._logprobs, None
+        server, call = None, self._logprobs
         if ref_path != self.model_path:
             srv = cfg.servers
             server = RemoteReferenceServer.options(num_cpus=srv.reference_num_cpus, num_gpus=srv.reference_num_gpus).remote(
                 ref_path, cfg.model.dtype, cfg.model.trust_remote_code, srv.micro_batch_size, 1.0)
-            call, ranks = (lambda b: ray.get(server.logprobs.remote(b))), 1
+            call = lambda b: ray.get(server.logprobs.remote(b))  # noqa: E731
         try:
-            ref = {f"{split}_{name}": self._per_pair(examples, i, call, ranks)
+            ref = {f"{split}_{name}": self._per_pair(examples, i, call)
                    for split, examples in (("train", self.train), ("eval", self.eval))
                    for i, name in enumerate(("chosen", "rejected")) if examples}
         finally:

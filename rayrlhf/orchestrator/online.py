@@ -1,9 +1,12 @@
 """The online RL loop (PPO, GRPO, RLOO, REINFORCE++): the single controller, top to bottom.
 
+    checks    <- plan, models, tokenizers, data and reward function, before any actor (preflight)
+    evaluate  <- data.eval before the first step (step 0), every schedule.eval_every steps, at the end
     for each step:
         prompts   <- next prompts_per_step rows of data.train (seeded order, resumable)
         rollouts  <- rollout workers, streamed; each finished micro-batch is scored at once:
                      reference log-probs, reward, critic values, the policy's own log-probs
+        scores    <- clipped / normalised (reward.clip, reward.normalize)
         targets   <- KL to the reference, token rewards, advantages (GAE / group / RLOO / REINFORCE++)
         update    <- ppo_epochs passes of mini-batches on the policy (and critic) trainers
         sync      <- new weights to every rollout worker, checksums verified
@@ -20,13 +23,23 @@ from typing import Any
 import torch
 
 from rayrlhf.actors.types import Completion, GenerationRequest, SamplingSpec
-from rayrlhf.algorithms import make_kl_controller, masked_mean
+from rayrlhf.algorithms import explained_variance, make_kl_controller, masked_mean
 from rayrlhf.config import JobConfig, to_yaml
-from rayrlhf.data.datasets import load_prompts
+from rayrlhf.data.datasets import reward_columns
 from rayrlhf.models.forward import pack_batch
 from rayrlhf.orchestrator.checkpoint import latest_checkpoint, load_state, save_checkpoint
-from rayrlhf.orchestrator.experience import compute_advantages, kl_per_sequence, kl_token_mean
+from rayrlhf.orchestrator.evaluation import evaluate
+from rayrlhf.orchestrator.experience import (
+    RunningMoments,
+    compute_advantages,
+    controller_kl,
+    kl_per_sequence,
+    kl_token_mean,
+    logprob_mismatch,
+    shape_scores,
+)
 from rayrlhf.orchestrator.metrics import MetricsWriter, progress
+from rayrlhf.orchestrator.preflight import Checked, preflight
 from rayrlhf.orchestrator.rollout import stream_rollouts
 from rayrlhf.orchestrator.system import System
 from rayrlhf.orchestrator.telemetry import Telemetry
@@ -45,45 +58,43 @@ def pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
 class OnlineRL:
     """One online RL job: owns the actors (through `System`), the data position and the KL controller."""
 
-    def __init__(self, cfg: JobConfig, resume: bool = False) -> None:
+    def __init__(self, cfg: JobConfig, resume: bool = False, checked: Checked | None = None) -> None:
         if not cfg.algorithm.is_online:
             raise ValueError(f"algorithm.name={cfg.algorithm.name} is not online RL")
+        checked = checked or preflight(cfg)  # bad input fails here, before any actor starts
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(to_yaml(cfg))
         self.telemetry = Telemetry(cfg)  # before the actors: a missing tensorboard/wandb fails fast
-        self.system = System(cfg)
+        self.data, self.eval_data = checked.train, checked.eval
+        self.system = System(cfg, checked)
         self.telemetry.watch_rollout(self.system.rollout_workers)
         self.tokenizer = self.system.tokenizer
-        self.data = load_prompts(
-            cfg.data.train, self.tokenizer, cfg.data.max_prompt_tokens, cfg.data.overlong_prompts,
-            cfg.data.apply_chat_template, cfg.seed, cfg.data.shuffle,
-        )
         algo = cfg.algorithm
         self.kl_ctl = make_kl_controller(algo.kl_controller, algo.kl_coef, algo.kl_target, algo.kl_horizon)
+        self.moments = RunningMoments()
         self.step = 0
         self.weight_version = 0
+        self.first_length: float | None = None  # response length at step 1, for the drift figure
         resume_step = self._restore() if resume else None
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", resume_from_step=resume_step)
 
     # ----------------------------------------------------------------------------------- loop
     def run(self) -> Path:
         cfg = self.cfg
+        if self.step == 0 and self.eval_data is not None:
+            self._log_eval({"step": 0, "weight_version": 0, **self._evaluate()})
         bar = progress(cfg.schedule.steps, self.step, f"{cfg.algorithm.name}")
         try:
             while self.step < cfg.schedule.steps:
                 row = self.train_step()
+                every, last = cfg.schedule.eval_every, self.step == cfg.schedule.steps
+                if self.eval_data is not None and ((every and self.step % every == 0) or last):
+                    row.update(self._evaluate())
                 self.metrics.write(row)
                 self.telemetry.record(row)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(reward=f"{row['reward/mean']:.3f}", kl=f"{row['kl/mean']:.4f}")
-                else:
-                    log.info(
-                        "step %d/%d reward %.4f kl %.5f (%.1fs)", self.step, cfg.schedule.steps,
-                        row["reward/mean"], row["kl/mean"], row["timing/step_s"],
-                    )
+                self._report(bar, row)
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save()
             final = self.out / "final"
@@ -104,20 +115,23 @@ class OnlineRL:
         # 1. prompts, each sampled group_size times
         indices = self.data.next_batch(cfg.schedule.prompts_per_step)
         requests = [self._request(k, i) for k, i in enumerate(indices)]
+        position = {r.request_id: k for k, r in enumerate(requests)}
 
         # 2. rollouts, streamed into scoring
         t0 = time.monotonic()
         scored, timings = stream_rollouts(
-            self.system.rollout_workers, requests, lambda batch: self.system.score(batch, self._columns(batch, indices)),
+            self.system.rollout_workers, requests,
+            lambda batch: self.system.score(batch, self._columns(batch, [indices[position[c.request_id]] for c in batch])),
             cfg.rollout.micro_batch_size,
         )
         rollout_s = time.monotonic() - t0
-        exp = self._assemble(scored)
+        exp = self._assemble(scored, position)
 
-        # 3. KL, rewards and advantages
+        # 3. scores, KL, rewards and advantages
         kl_coef = float(self.kl_ctl.value)
+        scores = shape_scores(exp["scores"], exp["valid"], cfg.reward.clip, cfg.reward.normalize, self.moments)
         adv = compute_advantages(
-            algo, exp["scores"], exp["valid"], exp["truncated"], exp["mask"], exp["logp"], exp["ref_logp"],
+            algo, scores, exp["valid"], exp["truncated"], exp["mask"], exp["logp"], exp["ref_logp"],
             exp.get("values"), kl_coef,
         )
 
@@ -133,8 +147,7 @@ class OnlineRL:
         self.system.sync_weights(self.weight_version, verify=bool(verify))
         sync_s = time.monotonic() - t0
 
-        kl_seq = kl_per_sequence(adv.kl, exp["mask"])
-        self.kl_ctl.update(kl_seq, cfg.samples_per_step)
+        self.kl_ctl.update(*controller_kl(adv.kl, exp["mask"], exp["valid"]))
         return self._metrics_row(exp, adv, kl_coef, train_metrics, timings, rollout_s, train_s, sync_s, t_step)
 
     # -------------------------------------------------------------------------------- helpers
@@ -149,23 +162,20 @@ class OnlineRL:
         )
         return GenerationRequest(f"s{self.step}-p{position}", list(self.data.prompt_ids[index]), spec)
 
-    def _columns(self, batch: list[Completion], indices: list[int]) -> tuple[list[str], dict[str, list]]:
+    def _columns(self, batch: list[Completion], rows_of: list[int]) -> tuple[list[str], dict[str, list]]:
         """Raw prompts and the other data columns of each completion's row, for the reward."""
-        rows = [self.data.rows[indices[int(c.request_id.rsplit("-p", 1)[1])]] for c in batch]
-        names = [k for k in rows[0] if k not in ("prompt", "_where")]
-        return [r["prompt"] for r in rows], {k: [r.get(k) for r in rows] for k in names}
+        rows = [self.data.rows[i] for i in rows_of]
+        return [r["prompt"] for r in rows], reward_columns(rows)
 
-    def _assemble(self, scored: list[tuple[list[Completion], dict[str, Any]]]) -> dict[str, Any]:
+    def _assemble(self, scored: list[tuple[list[Completion], dict[str, Any]]], position: dict[str, int]) -> dict[str, Any]:
         """One batch of all samples, groups contiguous (prompt order, then sample index)."""
         rows = []
         for completions, res in scored:
             for i, c in enumerate(completions):
                 n = len(c.response_ids)
-                rows.append((
-                    int(c.request_id.rsplit("-p", 1)[1]), c.sample_index, c,
-                    {k: res[k][i, :n] for k in ("ref_logp", "logp", "entropy", "values") if res.get(k) is not None},
-                    res["scores"][i],
-                ))
+                per_token = {k: res[k][i, :n] for k in ("ref_logp", "logp", "entropy", "values") if res.get(k) is not None}
+                per_token["sample_logp"] = torch.tensor(c.logprobs, dtype=torch.float32)
+                rows.append((position[c.request_id], c.sample_index, c, per_token, res["scores"][i]))
         rows.sort(key=lambda r: (r[0], r[1]))
         completions = [r[2] for r in rows]
         batch = pack_batch([c.prompt_ids for c in completions], [c.response_ids for c in completions], self.tokenizer.pad_token_id)
@@ -218,12 +228,12 @@ class OnlineRL:
         return {k: v / count for k, v in sums.items()}
 
     def _metrics_row(self, exp, adv, kl_coef, train, timings, rollout_s, train_s, sync_s, t_step) -> dict[str, Any]:
-        from rayrlhf.algorithms import explained_variance
-
         mask = exp["mask"] * exp["valid"].float().unsqueeze(1)
         valid = exp["valid"]
         tokens = float(exp["response_len"].sum())
-        step_s = time.monotonic() - t_step
+        length = float(exp["response_len"].mean())
+        if self.first_length is None:
+            self.first_length = length
         row: dict[str, Any] = {
             "step": self.step,
             "weight_version": self.weight_version,
@@ -233,14 +243,16 @@ class OnlineRL:
             "kl/mean": kl_token_mean(adv.kl, mask),
             "kl/seq_mean": kl_per_sequence(adv.kl, mask),
             "kl/coef": kl_coef,
-            "response/length_mean": float(exp["response_len"].mean()),
+            "response/length_mean": length,
+            "response/length_drift": length / max(self.first_length, 1e-9),
             "response/truncated_frac": float(exp["truncated"].float().mean()),
             "rollout/backend": self.cfg.rollout.backend,
             "rollout/min_weight_version": min(exp["versions"]),
+            **logprob_mismatch(exp["sample_logp"], exp["logp"], exp["mask"]),
             "advantages/mean": float(masked_mean(adv.advantages, mask)),
             "policy/entropy": float(masked_mean(exp["entropy"], mask)) if "entropy" in exp else float("nan"),
             "throughput/tokens_per_s": tokens / max(rollout_s, 1e-9),
-            "timing/step_s": step_s,
+            "timing/step_s": time.monotonic() - t_step,
             "timing/rollout_s": rollout_s,
             "timing/score_s": timings.score_s,
             "timing/overlap_frac": timings.overlap_frac,
@@ -253,6 +265,24 @@ class OnlineRL:
         row.update(train)
         return row
 
+    def _evaluate(self) -> dict[str, float]:
+        assert self.eval_data is not None
+        return evaluate(self.system, self.eval_data, self.cfg, self.step, self.tokenizer.eos_token_id)
+
+    def _log_eval(self, row: dict[str, Any]) -> None:
+        self.metrics.write(row)
+        self.telemetry.record(row)
+        log.info("eval at step %d: reward %.4f", row["step"], row.get("eval/reward_mean", float("nan")))
+
+    def _report(self, bar: Any, row: dict[str, Any]) -> None:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward/mean']:.3f}", kl=f"{row['kl/mean']:.4f}")
+        else:
+            log.info("step %d/%d reward %.4f kl %.5f (%.1fs)%s", self.step, self.cfg.schedule.steps, row["reward/mean"],
+                     row["kl/mean"], row["timing/step_s"],
+                     f" eval reward {row['eval/reward_mean']:.4f}" if "eval/reward_mean" in row else "")
+
     # ---------------------------------------------------------------------------- checkpoints
     def save(self) -> Path:
         state = {
@@ -260,6 +290,8 @@ class OnlineRL:
             "weight_version": self.weight_version,
             "data": self.data.state_dict(),
             "kl_controller": self.kl_ctl.state_dict(),
+            "reward_moments": self.moments.state_dict(),
+            "first_length": self.first_length,
         }
         return save_checkpoint(
             self.out / "checkpoints", self.step, state, self.system.save_trainers, self.cfg.checkpoint.keep_last
@@ -275,6 +307,8 @@ class OnlineRL:
         self.weight_version = int(state["weight_version"])
         self.data.load_state_dict(state["data"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.moments.load_state_dict(state["reward_moments"])
+        self.first_length = state["first_length"]
         self.system.load_trainers(folder)
         self.system.sync_weights(self.weight_version, verify=True)
         log.info("resumed from %s (step %d)", folder, self.step)

@@ -18,24 +18,10 @@ from rayrlhf.actors.types import Completion
 from rayrlhf.actors.weight_sync import broadcast_weights, verify_weights
 from rayrlhf.config import JobConfig
 from rayrlhf.models.forward import pack_batch
-from rayrlhf.models.loading import load_tokenizer, resolve_dtype
-from rayrlhf.models.tiny import resolve_model_path
-from rayrlhf.orchestrator.plan import check_plan
+from rayrlhf.models.loading import resolve_dtype
+from rayrlhf.orchestrator.preflight import Checked
 
 log = logging.getLogger(__name__)
-
-
-def _even_rows(batch: dict[str, torch.Tensor], ranks: int, call: Any) -> Any:
-    """Call a trainer-group forward on `batch`, repeating the last row so the rows split evenly over
-    the ranks, and cut the padding off the result (a dict of tensors or one tensor)."""
-    rows = batch["input_ids"].shape[0]
-    extra = -rows % ranks
-    if extra:
-        batch = {k: torch.cat([v, v[-1:].expand(extra, *v.shape[1:])]) for k, v in batch.items()}
-    out = call(batch)
-    if isinstance(out, dict):
-        return {k: v[:rows] for k, v in out.items()}
-    return out[:rows]
 
 
 def _wait_names_free(names: list[str], timeout_s: float = 15.0) -> None:
@@ -55,13 +41,11 @@ def _wait_names_free(names: list[str], timeout_s: float = 15.0) -> None:
 class System:
     """Rollout workers, policy (and critic) trainer groups, the reference and the reward servers."""
 
-    def __init__(self, cfg: JobConfig) -> None:
-        self.cfg = cfg
-        self.plan = check_plan(cfg)
-        cache = Path(cfg.output_dir) / ".models"
+    def __init__(self, cfg: JobConfig, checked: Checked) -> None:
+        self.cfg, self.plan = cfg, checked.plan
         trust = cfg.model.trust_remote_code
-        self.policy_path = resolve_model_path(cfg.model.policy, cache, cfg.seed)
-        self.tokenizer = load_tokenizer(self.policy_path, trust)
+        self.policy_path = checked.policy
+        self.tokenizer = checked.tokenizer
         # Weights travel in the engine's dtype; checksums compare the same bytes on both sides.
         self.sync_dtype = str(resolve_dtype(cfg.rollout.dtype if cfg.rollout.dtype != "auto" else cfg.model.dtype)).removeprefix("torch.")
         steps = cfg.schedule.steps * cfg.algorithm.ppo_epochs * (cfg.samples_per_step // (cfg.trainer.mini_batch_size or cfg.samples_per_step))
@@ -72,26 +56,27 @@ class System:
         )
         log.info("creating the policy trainer group (%d rank(s), ZeRO-%d)", cfg.trainer.policy.num_ranks, cfg.trainer.zero_stage)
         self.policy = TrainerGroup.from_config(cfg, "policy", self.policy_path, steps)
-        self.critic = None
-        if cfg.algorithm.name == "ppo":
-            critic_path = resolve_model_path(cfg.model.critic, cache, cfg.seed)
-            self.critic = TrainerGroup.from_config(cfg, "critic", critic_path, steps)
-        srv = cfg.servers
-        ref_path = resolve_model_path(cfg.model.reference or cfg.model.policy, cache, cfg.seed)
+        self.critic = TrainerGroup.from_config(cfg, "critic", checked.critic, steps) if checked.critic else None
+        srv, no_dropout = cfg.servers, cfg.model.disable_dropout
         [ref] = self.plan.of("reference")
         self.reference = RemoteReferenceServer.options(
             name=ref.name, num_cpus=ref.num_cpus, num_gpus=ref.num_gpus
-        ).remote(ref_path, cfg.model.dtype, trust, srv.micro_batch_size, cfg.rollout.temperature or 1.0)
-        reward_model = resolve_model_path(cfg.model.reward, cache, cfg.seed) if cfg.model.reward else None
+        ).remote(checked.reference, cfg.model.dtype, trust, srv.micro_batch_size, cfg.rollout.temperature or 1.0, no_dropout)
         self.rewards = [
             RemoteRewardServer.options(name=spec.name, num_cpus=spec.num_cpus, num_gpus=spec.num_gpus).remote(
-                model_path=reward_model, function=cfg.reward.function, url=cfg.reward.url, dtype=cfg.model.dtype,
+                model_path=checked.reward_model, function=cfg.reward.function, url=cfg.reward.url, dtype=cfg.model.dtype,
                 trust_remote_code=trust, timeout_s=cfg.reward.timeout_s, max_retries=cfg.reward.max_retries,
-                micro_batch_size=srv.micro_batch_size,
+                micro_batch_size=srv.micro_batch_size, policy_tokenizer=self.policy_path,
+                auth_token_env=cfg.reward.auth_token_env, no_dropout=no_dropout,
             )
             for spec in self.plan.of("reward")
         ]
-        ray.get([self.reference.ready.remote()] + [r.ready.remote() for r in self.rewards])
+        self.eval_reward = None  # the held-out metric (reward.eval_function), if any: one more function server
+        if cfg.reward.eval_function:
+            self.eval_reward = RemoteRewardServer.options(name="eval-reward", num_cpus=0).remote(
+                function=cfg.reward.eval_function, timeout_s=cfg.reward.timeout_s)
+        ray.get([self.reference.ready.remote()] + [r.ready.remote() for r in self.rewards]
+                + ([self.eval_reward.ready.remote()] if self.eval_reward else []))
         ray.get([w.ready.remote() for w in self.rollout_workers])
         self._reward_turn = 0
         # Calls into one trainer group must reach all its ranks in the same order (collectives).
@@ -115,15 +100,33 @@ class System:
         ref_ref = self.reference.logprobs.remote(batch)
         reward_ref = reward.score.remote(prompts, responses, columns, batch if self.cfg.model.reward else None)
         with self._policy_lock:
-            policy_out = _even_rows(batch, self.policy.num_ranks, lambda b: self.policy.forward_logprobs(b, with_entropy=True))
+            policy_out = self.policy.forward_logprobs(batch, with_entropy=True)
         values = None
         if self.critic is not None:
             with self._critic_lock:
-                values = _even_rows(batch, self.critic.num_ranks, self.critic.forward_values)
+                values = self.critic.forward_values(batch)
         return {
             "ref_logp": ray.get(ref_ref), "logp": policy_out["logp"], "entropy": policy_out.get("entropy"),
             "values": values, "scores": ray.get(reward_ref),
         }
+
+    def score_reward(
+        self, completions: list[Completion], prompts_and_columns: tuple[list[str], dict[str, list]]
+    ) -> dict[str, list[float | None]]:
+        """Only the reward (and the held-out metric, reward.eval_function) of finished samples: evaluation."""
+        prompts, columns = prompts_and_columns
+        batch = pack_batch([c.prompt_ids for c in completions], [c.response_ids for c in completions], self.tokenizer.pad_token_id)
+        responses = self.tokenizer.batch_decode([c.response_ids for c in completions], skip_special_tokens=True)
+        reward = self.rewards[self._reward_turn % len(self.rewards)]
+        self._reward_turn += 1
+        refs = {"scores": reward.score.remote(prompts, responses, columns, batch if self.cfg.model.reward else None)}
+        if self.eval_reward is not None:
+            refs["true_scores"] = self.eval_reward.score.remote(prompts, responses, columns)
+        return {k: ray.get(v) for k, v in refs.items()}
+
+    def reset_prefix_caches(self) -> None:
+        """Drop cached prompt KV in every engine, e.g. after evaluation, so training steps see the same engines."""
+        ray.get([w.reset_prefix_cache.remote() for w in self.rollout_workers])
 
     # -------------------------------------------------------------------------- weight sync
     def sync_weights(self, version: int, verify: bool) -> None:
@@ -164,6 +167,6 @@ class System:
         for group in (self.policy, self.critic):
             if group is not None:
                 group.shutdown()
-        for actor in [*self.rollout_workers, self.reference, *self.rewards]:
+        for actor in [*self.rollout_workers, self.reference, *self.rewards, *([self.eval_reward] if self.eval_reward else [])]:
             ray.kill(actor)
         _wait_names_free([f"rollout-{i}" for i in range(len(self.rollout_workers))] + ["reference"])

@@ -44,6 +44,7 @@ ROW_GAUGES: dict[str, tuple[str, str]] = {
     "response_length_mean": ("response/length_mean", "Mean response length, tokens."),
     "throughput_tokens_per_s": ("throughput/tokens_per_s", "Generated tokens per second of rollout wall time."),
     "rollout_min_weight_version": ("rollout/min_weight_version", "Oldest weight version among the step's samples."),
+    "eval_reward_mean": ("eval/reward_mean", "Mean reward of the policy's responses to data.eval at the last evaluation."),
 }
 # Phase durations, one gauge with a `phase` tag: tag value -> row key.
 PHASES: dict[str, str] = {
@@ -109,6 +110,8 @@ class _RayMetrics:
             value = _finite(raw)
             if key not in self.known and value is not None:
                 self.other.set(value, tags={**self.tags, "key": key})
+        if "reward/mean" not in row:  # an evaluation-only row (step 0): no training step to count
+            return
         self.steps.inc(1, tags=self.tags)
         if samples:
             self.samples.inc(samples, tags=self.tags)

@@ -3,16 +3,20 @@
 A reward function is `fn(prompts, responses, **columns) -> list[float | None]` (DESIGN.md).
 A sample it cannot score (it returns None for it, raises on it, or the call times out) is
 marked None: the orchestrator leaves it out of the update and counts it in `reward/failed`.
+The function runs in a child process (`FunctionRunner`), so a call that hangs is stopped at its
+timeout instead of holding a thread forever.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import importlib
 import importlib.util
+import inspect
 import logging
 import math
+import multiprocessing
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,37 +69,139 @@ def _clean(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
-def _call(fn: RewardFn, prompts: list[str], responses: list[str], columns: dict[str, list], timeout_s: float) -> list:
-    """One call of `fn` in a worker thread; raises TimeoutError past `timeout_s`.
-
-    A timed-out call cannot be killed (Python threads cannot be), so it is abandoned: keep
-    reward functions free of unbounded loops.
-    """
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+def check_reward_function(spec: str, columns: list[str]) -> RewardFn:
+    """Load `spec` and check it can be called as fn(prompts, responses, **columns); names what is wrong."""
+    fn = load_reward_function(spec)
     try:
-        future = pool.submit(fn, prompts, responses, **columns)
-        result = list(future.result(timeout=timeout_s))
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-    if len(result) != len(prompts):
-        raise ValueError(f"returned {len(result)} rewards for {len(prompts)} samples")
-    return result
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return fn  # a builtin or C callable: nothing to inspect
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 2 and not any(p.kind is p.VAR_POSITIONAL for p in params):
+        raise InvalidInput(f"reward.function {spec!r}: it must take (prompts, responses, **columns) as its first two arguments")
+    clash = [c for c in columns if c in {p.name for p in positional[:2]}]
+    if clash:
+        raise InvalidInput(
+            f"reward.function {spec!r}: data.train's column(s) {clash} would arrive as keyword arguments, but its first "
+            "two parameters take them: it is called as fn(prompts, responses, **columns)"
+        )
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+    missing = [p.name for p in positional[2:] + [p for p in params if p.kind is p.KEYWORD_ONLY]
+               if p.default is p.empty and p.name not in columns]
+    if missing:
+        raise InvalidInput(
+            f"reward.function {spec!r}: it needs the column(s) {missing}, which data.train does not have "
+            f"(its columns: {sorted(columns)})"
+        )
+    if not takes_any:
+        unused = [c for c in columns if c not in {p.name for p in params}]
+        if unused:
+            raise InvalidInput(
+                f"reward.function {spec!r}: data.train's column(s) {unused} are passed as keyword arguments, which it "
+                "does not accept; add **kwargs to its signature"
+            )
+    return fn
+
+
+def _serve(spec: str, conn: Any) -> None:
+    """The child process: load the function once, then answer (prompts, responses, columns) calls."""
+    try:
+        fn = load_reward_function(spec)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send((False, f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send((True, "ready"))
+    while True:
+        message = conn.recv()
+        if message is None:
+            return
+        prompts, responses, columns = message
+        try:
+            conn.send((True, list(fn(prompts, responses, **columns))))
+        except Exception as exc:  # noqa: BLE001 - user code: the parent isolates the failure per sample
+            conn.send((False, f"{type(exc).__name__}: {exc}"))
+
+
+class FunctionRunner:
+    """A reward function run in a child process, so that a call that hangs can be stopped.
+
+    Python threads cannot be killed: a timed-out call in a thread runs on forever and keeps its
+    thread. Here a call that exceeds `timeout_s` kills the child process, which is started
+    again (loading the function anew) for the next call.
+    """
+
+    def __init__(self, spec: str, timeout_s: float = 30.0, start_timeout_s: float = 120.0) -> None:
+        self.spec, self.timeout_s, self.start_timeout_s = spec, timeout_s, start_timeout_s
+        self.restarts = 0
+        self._proc: Any = None
+        self._start()
+
+    def _start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")  # never fork a threaded (Ray) process
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(self.spec, child), daemon=True, name="reward-function")
+        self._proc.start()
+        child.close()
+        if not self._conn.poll(self.start_timeout_s):
+            self.close()
+            raise RuntimeError(f"reward.function {self.spec!r}: loading it took over {self.start_timeout_s:.0f}s")
+        ok, message = self._conn.recv()
+        if not ok:
+            self.close()
+            raise InvalidInput(f"reward.function {self.spec!r}: {message}")
+
+    def __call__(self, prompts: list[str], responses: list[str], columns: dict[str, list]) -> list:
+        """One call; TimeoutError past `timeout_s` (the child is killed), RuntimeError when the function raised."""
+        self._conn.send((prompts, responses, columns))
+        if not self._conn.poll(self.timeout_s):
+            self.close()
+            self.restarts += 1
+            self._start()
+            raise TimeoutError(f"no answer within {self.timeout_s:g}s")
+        ok, value = self._conn.recv()
+        if not ok:
+            raise RuntimeError(value)
+        if len(value) != len(prompts):
+            raise ValueError(f"returned {len(value)} rewards for {len(prompts)} samples")
+        return value
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout=5)
+        self._conn.close()
 
 
 def score_with_function(
-    fn: RewardFn, prompts: list[str], responses: list[str], columns: dict[str, list], timeout_s: float = 30.0
+    call: Callable[[list[str], list[str], dict[str, list]], list], prompts: list[str], responses: list[str],
+    columns: dict[str, list], timeout_s: float = 30.0,
 ) -> list[float | None]:
-    """Score a batch; when the batch call fails, score sample by sample so one bad sample costs only itself."""
+    """Score a batch with `call` (a FunctionRunner, or any callable with its signature).
+
+    When the batch call raises, samples are scored one by one so one bad sample costs only itself,
+    all within one `timeout_s` budget. A batch call that times out is not retried per sample (each
+    retry would wait as long): its samples are unscored (None) and counted by the caller.
+    """
     try:
-        return [_clean(v) for v in _call(fn, prompts, responses, columns, timeout_s)]
+        return [_clean(v) for v in call(prompts, responses, columns)]
+    except TimeoutError as exc:
+        log.warning("reward function timed out on a batch of %d (%s); its samples are unscored", len(prompts), exc)
+        return [None] * len(prompts)
     except Exception as exc:  # noqa: BLE001 - any failure of user code is isolated per sample below
-        log.warning("reward function failed on a batch of %d (%r); scoring one by one", len(prompts), exc)
+        log.warning("reward function failed on a batch of %d (%s); scoring one by one", len(prompts), exc)
+    deadline = time.monotonic() + timeout_s
     scores: list[float | None] = []
     for i in range(len(prompts)):
+        if time.monotonic() > deadline:
+            log.warning("reward function: per-sample scoring ran out of time; %d samples unscored", len(prompts) - i)
+            return scores + [None] * (len(prompts) - i)
         row = {k: [v[i]] for k, v in columns.items()}
         try:
-            scores.append(_clean(_call(fn, [prompts[i]], [responses[i]], row, timeout_s)[0]))
+            scores.append(_clean(call([prompts[i]], [responses[i]], row)[0]))
+        except TimeoutError:
+            log.warning("reward function timed out on sample %d", i)
+            return scores + [None] * (len(prompts) - i)
         except Exception as exc:  # noqa: BLE001
-            log.warning("reward function failed on sample %d: %r", i, exc)
+            log.warning("reward function failed on sample %d: %s", i, exc)
             scores.append(None)
     return scores

@@ -27,12 +27,19 @@ def score_with_http(
     timeout_s: float = 30.0,
     max_retries: int = 2,
     backoff_s: float = 0.5,
+    token: str | None = None,
 ) -> list[float | None]:
-    """POST the batch to `url`; retry transient failures with exponential back-off."""
+    """POST the batch to `url`; retry transient failures with exponential back-off.
+
+    `token` (from the environment variable named by reward.auth_token_env) is sent as a bearer token.
+    """
     body = json.dumps({"prompts": prompts, "responses": responses, **columns}).encode()
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     last_error: Exception | None = None
     for attempt in range(max_retries + 1):
-        request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=timeout_s) as resp:
                 rewards = json.loads(resp.read())["rewards"]

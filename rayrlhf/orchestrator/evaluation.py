@@ -1,0 +1,89 @@
+"""Online evaluation: the current policy's responses to data.eval, scored by the training reward.
+
+Run before the first step (step 0), every `schedule.eval_every` steps and after the last one.
+Responses are greedy, sampled at the rollout temperature, or both (`schedule.eval_decoding`);
+the same prompts get the same per-request seeds at every evaluation, so the figures compare the
+policy over time and not the sampling noise. With `reward.eval_function` (a held-out "true"
+metric, e.g. a rule while training against a learned reward model) every row also carries the
+true score and the gap between the two, the first sign of reward over-optimisation.
+
+Evaluation leaves the training run untouched: it uses its own request ids and seeds, draws from
+no training RNG, does not move the data order, the KL controller or the reward normaliser, and
+clears the engines' prefix caches afterwards so the next training step sees the same engines.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from rayrlhf.actors.types import Completion, GenerationRequest, SamplingSpec
+from rayrlhf.config import JobConfig
+from rayrlhf.data.datasets import PromptDataset, reward_columns
+from rayrlhf.orchestrator.rollout import stream_rollouts
+
+_EVAL_SEED_OFFSET = 7_000_003  # keeps evaluation seeds apart from the training ones
+
+
+def eval_prompts(data: PromptDataset, cfg: JobConfig) -> list[int]:
+    """Indices of the evaluation prompts (the first `schedule.eval_max_prompts`, in file order)."""
+    n = len(data) if cfg.schedule.eval_max_prompts is None else min(len(data), cfg.schedule.eval_max_prompts)
+    return list(range(n))
+
+
+def _modes(cfg: JobConfig) -> list[str]:
+    return ["greedy", "sampled"] if cfg.schedule.eval_decoding == "both" else [cfg.schedule.eval_decoding]
+
+
+def evaluate(system: Any, data: PromptDataset, cfg: JobConfig, step: int, eos_id: int) -> dict[str, float]:
+    """One evaluation pass; returns the `eval/...` figures of the metrics row of `step`."""
+    t0 = time.monotonic()
+    r = cfg.rollout
+    requests, where = [], {}
+    for mode in _modes(cfg):
+        temperature = 0.0 if mode == "greedy" else r.temperature
+        for i in eval_prompts(data, cfg):
+            spec = SamplingSpec(n=1, temperature=temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
+                                stop_token_ids=(eos_id,), seed=(cfg.seed * 1_000_003 + _EVAL_SEED_OFFSET + i) % (2**31 - 1))
+            request_id = f"eval{step}-{mode}-{i}"
+            where[request_id] = (mode, i)
+            requests.append(GenerationRequest(request_id, list(data.prompt_ids[i]), spec))
+
+    def columns(batch: list[Completion]) -> tuple[list[str], dict[str, list]]:
+        rows = [data.rows[where[c.request_id][1]] for c in batch]
+        return [row["prompt"] for row in rows], reward_columns(rows)
+
+    scored, _ = stream_rollouts(system.rollout_workers, requests, lambda b: system.score_reward(b, columns(b)),
+                                cfg.rollout.micro_batch_size)
+    system.reset_prefix_caches()
+    out: dict[str, float] = {}
+    for mode in _modes(cfg):
+        picked = [(c, res, j) for batch, res in scored for j, c in enumerate(batch) if where[c.request_id][0] == mode]
+        out.update({f"eval/{mode}/{k}": v for k, v in _figures(picked).items()})
+    first = f"eval/{_modes(cfg)[0]}/"  # the headline figures (eval/reward_mean, ...) are the first mode's
+    out.update({"eval/" + k.removeprefix(first): v for k, v in list(out.items()) if k.startswith(first)})
+    out["timing/eval_s"] = time.monotonic() - t0
+    return out
+
+
+def _figures(picked: list[tuple[Completion, dict[str, list], int]]) -> dict[str, float]:
+    scores = [res["scores"][j] for _, res, j in picked]
+    valid = [s for s in scores if s is not None]
+    lengths = torch.tensor([float(len(c.response_ids)) for c, _, _ in picked])
+    figures = {
+        "reward_mean": sum(valid) / len(valid) if valid else math.nan,
+        "reward_std": float(torch.tensor(valid).std()) if len(valid) > 1 else 0.0,
+        "failed_frac": 1.0 - len(valid) / len(scores) if scores else 0.0,
+        "response_length_mean": float(lengths.mean()) if len(lengths) else 0.0,
+        "truncated_frac": sum(c.truncated for c, _, _ in picked) / max(len(picked), 1),
+        "samples": float(len(picked)),
+    }
+    if picked and "true_scores" in picked[0][1]:
+        true = [res["true_scores"][j] for _, res, j in picked]
+        both = [(s, t) for s, t in zip(scores, true, strict=True) if s is not None and t is not None]
+        figures["true_reward_mean"] = sum(t for _, t in both) / len(both) if both else math.nan
+        figures["reward_gap"] = figures["reward_mean"] - figures["true_reward_mean"] if both else math.nan
+    return figures

@@ -1,0 +1,90 @@
+"""Everything about an online job that can be checked before any actor starts.
+
+A mistake found here costs a second and exits 2 with the key, file or line; the same mistake
+found by an actor costs the start-up of the DeepSpeed groups and the engines and ends in a
+Ray traceback. Checked: the actor plan, every model and tokenizer exists (a local directory or a
+hub id the machine can resolve), the critic shares the policy's tokenizer (its values are read
+at the policy's token positions), data.train and data.eval exist and parse, every prompt fits,
+and reward.function / reward.eval_function import and take the data's columns.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rayrlhf.config import JobConfig
+from rayrlhf.data.datasets import PromptDataset, load_prompts, load_rows, reward_columns
+from rayrlhf.errors import InvalidInput
+from rayrlhf.models.loading import load_tokenizer, same_tokenizer
+from rayrlhf.models.tiny import resolve_model_path
+from rayrlhf.orchestrator.plan import ActorPlan, check_plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Checked:
+    """What the checks resolved, handed to the job so nothing is loaded twice."""
+
+    plan: ActorPlan
+    policy: str
+    critic: str | None
+    reference: str
+    reward_model: str | None
+    tokenizer: Any
+    train: PromptDataset
+    eval: PromptDataset | None
+
+
+def _model(cfg: JobConfig, key: str, name: str, cache: Path) -> str:
+    """A model path or hub id that exists, with the config key named when it does not."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name, cache, cfg.seed)
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, hub errors: all mean "cannot load it"
+        raise InvalidInput(f"{key}: cannot load a model config from {name!r} ({type(exc).__name__}: {exc})") from None
+    return path
+
+
+def preflight(cfg: JobConfig) -> Checked:
+    """Run every check, in the order a user would fix them; raises InvalidInput naming what is wrong."""
+    from rayrlhf.rewards.functions import check_reward_function
+
+    plan = check_plan(cfg)
+    cache = Path(cfg.output_dir) / ".models"
+    policy = _model(cfg, "model.policy", cfg.model.policy, cache)
+    try:
+        tokenizer = load_tokenizer(policy, cfg.model.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001
+        raise InvalidInput(f"model.policy: cannot load its tokenizer from {policy} ({exc})") from None
+    critic = _model(cfg, "model.critic", cfg.model.critic, cache) if cfg.algorithm.name == "ppo" else None
+    if critic is not None and not same_tokenizer(critic, policy, cfg.model.trust_remote_code):
+        raise InvalidInput(
+            f"model.critic {cfg.model.critic} has another tokenizer than model.policy: a critic's values are read at "
+            "the policy's token positions, so it must share the policy's tokenizer (start it from the policy, or from a "
+            "reward model trained on it)"
+        )
+    reference = _model(cfg, "model.reference", cfg.model.reference or cfg.model.policy, cache)
+    reward_model = _model(cfg, "model.reward", cfg.model.reward, cache) if cfg.model.reward else None
+    d = cfg.data
+    train = load_prompts(d.train, tokenizer, d.max_prompt_tokens, d.overlong_prompts, d.apply_chat_template, cfg.seed,
+                         d.shuffle)
+    evaluation = None
+    if d.eval:
+        evaluation = load_prompts(d.eval, tokenizer, d.max_prompt_tokens, d.overlong_prompts, d.apply_chat_template,
+                                  cfg.seed, shuffle=False)
+    if cfg.reward.function:
+        check_reward_function(cfg.reward.function, list(reward_columns(train.rows[:1])))
+    if cfg.reward.eval_function:
+        if evaluation is None:
+            raise InvalidInput("reward.eval_function scores evaluation rows: it needs data.eval")
+        check_reward_function(cfg.reward.eval_function, list(reward_columns(evaluation.rows[:1])))
+    if cfg.algorithm.ptx_coef > 0:
+        load_rows(d.pretrain, "text")
+    log.info("checks passed: %d training prompts%s", len(train), f", {len(evaluation)} eval prompts" if evaluation else "")
+    return Checked(plan, policy, critic, reference, reward_model, tokenizer, train, evaluation)
