@@ -319,7 +319,8 @@ class TestCluster:
 
         # The job ran the resolved config and wrote its outputs.
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+        assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]  # step 0: the evaluation before training
+        assert "eval/reward_mean" in rows[0] and "eval/reward_mean" in rows[-1]
         assert load_config(out / "config.yaml").schedule.steps == 6
         assert (out / "final" / "config.json").exists()
 
@@ -354,6 +355,7 @@ def test_rollout_workers_and_trainer_ranks_scale_independently(ray_local: None, 
 
     workers, ranks = 1, 2
 
+    from rayrlhf.orchestrator.preflight import preflight
     from rayrlhf.orchestrator.system import System
 
     cfg = load_config(GRPO, [
@@ -361,7 +363,7 @@ def test_rollout_workers_and_trainer_ranks_scale_independently(ray_local: None, 
         f"output_dir={tmp_path}",
     ])
     ours = {f"rollout-{i}" for i in range(4)} | {f"policy-{i}" for i in range(4)} | {"reference", "reward-0"}
-    system = System(cfg)
+    system = System(cfg, preflight(cfg))
     try:
         alive = set(ray.util.list_named_actors()) & ours
         assert alive == {f"rollout-{i}" for i in range(workers)} | {f"policy-{i}" for i in range(ranks)} | {"reference", "reward-0"}

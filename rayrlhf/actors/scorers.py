@@ -35,7 +35,6 @@ class ReferenceServer:
         self, model_path: str, dtype: str = "auto", trust_remote_code: bool = False, micro_batch_size: int = 16,
         temperature: float = 1.0, no_dropout: bool = True,
     ) -> None:
-        torch.set_grad_enabled(False)
         self.device = _device()
         self.model = load_policy(model_path, dtype, trust_remote_code, no_dropout).to(self.device).eval()
         self.micro_batch_size = micro_batch_size
@@ -44,6 +43,7 @@ class ReferenceServer:
     def ready(self) -> bool:
         return True
 
+    @torch.no_grad()
     def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """log π_ref(y_t | x, y_<t) as [B, T] (0 on padding), computed in micro-batches."""
         parts = []
@@ -79,7 +79,6 @@ class RewardServer:
     ) -> None:
         if sum(x is not None for x in (model_path, function, url)) != 1:
             raise ValueError("RewardServer needs exactly one of model_path, function, url")
-        torch.set_grad_enabled(False)
         self.kind = "model" if model_path else "function" if function else "url"
         self.timeout_s, self.max_retries, self.micro_batch_size = timeout_s, max_retries, micro_batch_size
         self.url, self.auth_token_env = url, auth_token_env
@@ -100,6 +99,7 @@ class RewardServer:
     def ready(self) -> bool:
         return True
 
+    @torch.no_grad()
     def score(
         self,
         prompts: list[str],
