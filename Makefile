@@ -15,7 +15,7 @@ MISMATCHED := torchvision torchaudio torchcodec
 # its CPU comm op with whichever `ninja` is on PATH, and two different ninjas rebuild it each time.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo test lock clean
+.PHONY: setup demo test lock bench-deps clean
 
 setup: $(STAMP)
 
@@ -44,5 +44,9 @@ lock:
 	  .lock-venv/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$$//' | sort -f; } > $(LOCK).new
 	rm -rf .lock-venv && mv $(LOCK).new $(LOCK)
 
+# Benchmark-only packages (TRL for bench/peer_trl_grpo.py), kept out of the project's environment.
+bench-deps: $(STAMP) requirements/bench.lock
+	$(PY) -m pip install --quiet --no-deps --target .bench-deps -r requirements/bench.lock
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .bench-deps

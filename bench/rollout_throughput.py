@@ -43,6 +43,7 @@ def through_actor(model: Path, prompt_ids: list[list[int]], max_new: int, max_le
     from rayrlhf.actors.rollout import create_rollout_workers
     from rayrlhf.actors.types import GenerationRequest, SamplingSpec
     from rayrlhf.config import ModelConfig, RolloutConfig
+    from rayrlhf.orchestrator.rollout import collect
 
     ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
@@ -50,13 +51,10 @@ def through_actor(model: Path, prompt_ids: list[list[int]], max_new: int, max_le
         [worker] = create_rollout_workers(model, cfg, ModelConfig(dtype="float32"), seed=0, max_model_len=max_len)
         spec = SamplingSpec(temperature=1.0, max_new_tokens=max_new, seed=1)
         warm = [GenerationRequest("warm", prompt_ids[0], spec)]
-        for ref in worker.generate.options(num_returns="streaming").remote(warm):
-            ray.get(ref)
+        collect(worker, warm)
         requests = [GenerationRequest(f"r{i}", p, spec) for i, p in enumerate(prompt_ids)]
         start = time.perf_counter()
-        tokens = 0
-        for ref in worker.generate.options(num_returns="streaming").remote(requests):
-            tokens += len(ray.get(ref).response_ids)
+        tokens = sum(len(c.response_ids) for c in collect(worker, requests))
         elapsed = time.perf_counter() - start
         ray.kill(worker)
         return elapsed, tokens

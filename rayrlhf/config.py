@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, model_validator
 
 from rayrlhf.errors import InvalidInput
 
@@ -95,6 +95,13 @@ class AlgorithmConfig(Section):
     clip_eps_high: float | None = Field(None, gt=0, description="Upper PPO clip (DAPO's clip-higher); null uses clip_eps.")
     value_clip_eps: float = Field(0.2, gt=0, description="Clip range of the critic's value update.")
     ppo_epochs: int = Field(1, ge=1, description="Passes over each step's samples.")
+    old_logprobs: Literal["auto", "recompute", "rollout"] = Field(
+        "auto", description="PPO's old log-probs: auto (a step with one update uses its own forward, exact; else "
+        "recompute), recompute (a trainer forward while rollouts stream), rollout (the engine's sampling log-probs)."
+    )
+    importance_cap: float = Field(
+        2.0, gt=0, description="Asynchronous mode: truncation of the importance weight π_old/π_behaviour of stale samples (TIS)."
+    )
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
         "token-mean", description="How per-token losses are reduced (seq-mean-token-sum-norm is Dr. GRPO's)."
     )
@@ -126,15 +133,24 @@ class AlgorithmConfig(Section):
         return self.name in ONLINE_ALGORITHMS
 
     @property
+    def needs_reference(self) -> bool:
+        """Whether any KL to the reference is computed (β > 0, or an adaptive β that may become > 0)."""
+        return self.kl_coef > 0 or self.kl_controller == "adaptive"
+
+    @property
     def kl_as_reward(self) -> bool:
         """Whether the KL enters as a token reward penalty (InstructGPT) rather than a loss term (GRPO)."""
         return self.kl_in_reward if self.kl_in_reward is not None else self.name != "grpo"
 
 
 class RolloutConfig(Section):
-    backend: Literal["vllm", "hf"] = Field("vllm", description="Generation engine: vllm, or transformers generate ('hf').")
+    backend: Literal["auto", "vllm", "hf"] = Field(
+        "auto", description="Generation engine: vllm, transformers generate ('hf'), or auto (hf for a CPU worker and a "
+        "local model under 1 GB, where its lower per-step overhead wins; vllm otherwise)."
+    )
     num_workers: int = Field(1, ge=1, description="Rollout worker actors, one engine each.")
     max_new_tokens: int = Field(64, ge=1, description="Longest response, in tokens.")
+    min_new_tokens: int = Field(0, ge=0, description="Shortest response, in tokens (end-of-sequence is not sampled before).")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
     top_k: int = Field(-1, description="Top-k sampling; -1 disables.")
@@ -148,7 +164,13 @@ class RolloutConfig(Section):
     micro_batch_size: int = Field(8, ge=1, description="Completions per scoring micro-batch streamed to the scorers.")
     max_num_seqs: int | None = Field(None, ge=1, description="Sequences an engine decodes at once (vLLM max_num_seqs); null: engine default.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per rollout worker actor.")
+    num_threads: int | None = Field(
+        None, ge=1, description="CPU threads per engine (OpenMP); null: the node's cores shared by the workers and their TP ranks."
+    )
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per rollout worker actor (tensor_parallel_size on GPU clusters).")
+    cpus: list[NonNegativeInt] | None = Field(
+        None, min_length=1, description="CPU cores the rollout workers run on (affinity, e.g. [0]); null: any. Keeps generation off the trainers' cores."
+    )
 
 
 class RoleConfig(Section):
@@ -158,12 +180,23 @@ class RoleConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
     lr_schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="Learning-rate schedule after warm-up.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per rank.")
+    num_threads: int | None = Field(
+        None, ge=1, description="CPU threads per rank (torch); null: the node's cores shared by the group's ranks."
+    )
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per rank.")
+    cpus: list[NonNegativeInt] | None = Field(None, min_length=1, description="CPU cores this group's ranks run on (affinity, e.g. [1]); null: any.")
 
 
 class TrainerConfig(Section):
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
-    micro_batch_size: int = Field(4, ge=1, description="Samples per rank per forward/backward pass.")
+    zero_stage: Literal[0, 1, 2, 3] | None = Field(
+        None, description="DeepSpeed ZeRO stage; null: 0 for a group of one rank (partitioning buys nothing), 2 otherwise."
+    )
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="Samples per rank per forward/backward pass; null: as many as fit micro_batch_tokens."
+    )
+    micro_batch_tokens: int = Field(
+        8192, ge=1, description="Rows x padded length per pass when micro_batch_size is null (each pass trims its padding)."
+    )
     mini_batch_size: int | None = Field(
         None, ge=1, description="Samples per optimizer step across all ranks; default: all samples of a step (one update per epoch)."
     )
@@ -172,6 +205,10 @@ class TrainerConfig(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     policy: RoleConfig = Field(default_factory=RoleConfig, description="The policy trainer group.")
     critic: RoleConfig = Field(default_factory=lambda: RoleConfig(lr=5e-6), description="The critic trainer group (ppo only).")
+
+    def stage_for(self, num_ranks: int) -> int:
+        """The ZeRO stage a group of `num_ranks` ranks runs: zero_stage, or by default 0 for one rank, 2 for more."""
+        return self.zero_stage if self.zero_stage is not None else (0 if num_ranks == 1 else 2)
 
 
 class ServersConfig(Section):
@@ -193,7 +230,13 @@ class ScheduleConfig(Section):
         "greedy", description="Online evaluation: greedy responses, sampled ones (rollout.temperature), or both."
     )
     eval_max_prompts: int | None = Field(None, ge=1, description="Online evaluation: use at most this many data.eval prompts.")
-    verify_sync_every: int = Field(1, ge=0, description="Verify worker weights by checksum every N syncs (0 disables).")
+    verify_sync_every: int = Field(
+        10, ge=0, description="Verify worker weights by checksum at the first sync and every N syncs after (0 disables)."
+    )
+    max_staleness: int = Field(
+        0, ge=0, description="Asynchronous mode: step s may train on samples of weights s-1-k at the oldest (0: on-policy; "
+        "k >= 1 generates the next k steps' samples while this one trains)."
+    )
 
 
 class CheckpointConfig(Section):

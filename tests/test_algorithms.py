@@ -31,6 +31,7 @@ from rayrlhf.algorithms import (
     sequence_logprob,
     sft_nll_loss,
     token_rewards,
+    truncated_importance_weights,
     value_loss,
 )
 
@@ -341,6 +342,28 @@ def test_ppo_asymmetric_clip_changes_which_tokens_clip():
     assert logp.grad[0, 0].item() == pytest.approx(-1.5 / 7)
     _, stats_low = ppo_policy_loss(logp, old, adv, mask, clip_eps=0.6, clip_eps_high=0.2)
     assert stats_low["clipfrac"].item() == pytest.approx(1 / 7)  # only token 0 clips
+
+
+def test_truncated_importance_weights_by_hand_and_in_the_ppo_loss():
+    """Decoupled PPO / TIS: w = min(π_prox / π_behaviour, cap) per token, 0 on padding, a constant in the gradient."""
+    prox = t([[math.log(0.5), math.log(0.2), math.log(0.9)], [math.log(0.3), 0.0, 0.0]])
+    behaviour = t([[math.log(0.25), math.log(0.4), math.log(0.1)], [math.log(0.3), 5.0, 5.0]])
+    mask = t([[1, 1, 1], [1, 0, 0]])
+    weights, stats = truncated_importance_weights(prox, behaviour, mask, cap=2.0)
+    torch.testing.assert_close(weights, t([[2.0, 0.5, 2.0], [1.0, 0.0, 0.0]]))  # 2.0 exact, 0.5, 9 -> 2, 1
+    assert stats["is_weight_mean"].item() == pytest.approx((2.0 + 0.5 + 2.0 + 1.0) / 4)
+    assert stats["is_weight_max"].item() == pytest.approx(9.0, rel=1e-5)  # before truncation
+    assert stats["is_clipped_frac"].item() == pytest.approx(1 / 4)  # 2.0 itself is not over the cap
+    with pytest.raises(ValueError, match="cap"):
+        truncated_importance_weights(prox, behaviour, mask, cap=0.0)
+
+    # In the loss: each token's term scaled by its weight; on-policy ratios (logp == old) leave -A * w.
+    logp = prox.clone().requires_grad_(True)
+    adv = t([[1.0, -1.0, 2.0], [0.5, 0.0, 0.0]])
+    loss, _ = ppo_policy_loss(logp, prox, adv, mask, weights=weights)
+    assert loss.item() == pytest.approx(-(2.0 * 1.0 + 0.5 * -1.0 + 2.0 * 2.0 + 1.0 * 0.5) / 4, abs=1e-6)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, -(adv * weights) / 4)
 
 
 def test_ppo_sequence_level_advantages_broadcast():

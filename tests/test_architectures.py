@@ -37,6 +37,7 @@ from rayrlhf.models.architectures import MATRIX, build_architecture
 from rayrlhf.models.forward import pack_batch, sequence_scores, token_logprobs, token_values
 from rayrlhf.models.hf_layout import checkpoint_state
 from rayrlhf.models.loading import load_critic, load_reward_model, load_tokenizer
+from rayrlhf.orchestrator.rollout import collect
 
 pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class Row:
 def generate(row: Row, tag: str, temperature: float, n: int = 1) -> list[Completion]:
     spec = SamplingSpec(n=n, temperature=temperature, max_new_tokens=12, seed=3)
     reqs = [GenerationRequest(f"{tag}-{i}", p, spec) for i, p in enumerate(row.prompts)]
-    out = [ray.get(ref) for ref in row.worker.generate.options(num_returns="streaming").remote(reqs)]
+    out = collect(row.worker, reqs)
     return sorted(out, key=lambda c: (int(c.request_id.rsplit("-", 1)[1]), c.sample_index))
 
 

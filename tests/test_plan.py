@@ -39,7 +39,7 @@ def test_shipped_job_config_constructs(path: Path) -> None:
         settings = trainer_settings(cfg, role, total_steps=cfg.schedule.steps)
         ranks = (cfg.trainer.critic if role == "critic" else cfg.trainer.policy).num_ranks
         ds = deepspeed_config(settings, ranks, bf16=bool(cfg.trainer.bf16))
-        assert ds["train_batch_size"] == settings.micro_batch_size * settings.gradient_accumulation_steps * ranks
+        assert ds["train_batch_size"] == (settings.micro_batch_size or 1) * settings.gradient_accumulation_steps * ranks
     if not cfg.algorithm.is_online:
         return
     plan = check_plan(cfg)

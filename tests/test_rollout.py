@@ -21,6 +21,7 @@ from rayrlhf.actors.weights import bucketize, tensor_checksum, whole_checksums
 from rayrlhf.config import ModelConfig, RolloutConfig
 from rayrlhf.models.forward import pack_batch, token_logprobs
 from rayrlhf.models.loading import load_policy, load_tokenizer
+from rayrlhf.orchestrator.rollout import collect
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def prompt_ids(tiny_model: Path) -> list[list[int]]:
 
 def stream(worker: ray.actor.ActorHandle, requests: list[GenerationRequest]) -> list[Completion]:
     """Consume a streaming generate call, in arrival order."""
-    return [ray.get(ref) for ref in worker.generate.options(num_returns="streaming").remote(requests)]
+    return collect(worker, requests)
 
 
 def requests_for(prompts: list[list[int]], tag: str, **sampling: object) -> list[GenerationRequest]:
@@ -92,7 +93,7 @@ def test_vllm_streams_short_samples_before_long_ones(workers: dict, prompt_ids: 
     arrived: list[Completion] = []
     load_after_first = None
     for ref in worker.generate.options(num_returns="streaming").remote(long_reqs + short_reqs):
-        arrived.append(ray.get(ref))
+        arrived.extend(ray.get(ref))  # each item: the completions that finished since the last one
         if load_after_first is None:
             load_after_first = ray.get(worker.load.remote())
     assert len(arrived) == len(long_reqs) + len(short_reqs)

@@ -22,6 +22,7 @@ from rayrlhf.actors.weight_sync import WeightSyncError, broadcast_weights, verif
 from rayrlhf.config import ModelConfig, RolloutConfig
 from rayrlhf.models.forward import pack_batch
 from rayrlhf.models.loading import load_tokenizer
+from rayrlhf.orchestrator.rollout import collect
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 def generate(worker, prompts: list[list[int]], tag: str, temperature: float, max_new: int = 12) -> list[Completion]:
     spec = SamplingSpec(temperature=temperature, max_new_tokens=max_new, seed=7)
     reqs = [GenerationRequest(f"{tag}-{i}", p, spec) for i, p in enumerate(prompts)]
-    out = [ray.get(ref) for ref in worker.generate.options(num_returns="streaming").remote(reqs)]
+    out = collect(worker, reqs)
     return sorted(out, key=lambda c: int(c.request_id.rsplit("-", 1)[1]))
 
 

@@ -171,6 +171,7 @@ class VLLMEngine:
             top_p=spec.top_p,
             top_k=max(spec.top_k, 0),
             max_tokens=spec.max_new_tokens,
+            min_tokens=spec.min_new_tokens,
             stop_token_ids=list(spec.stop_token_ids),
             seed=None if spec.seed is None else spec.seed + index,
             logprobs=0,  # only the sampled token's log-prob
@@ -268,9 +269,9 @@ class HFEngine:
     """transformers `generate`, for machines without vLLM and for very small models.
 
     Each step runs one batch: the oldest pending request's sampling settings and every pending
-    sample that shares them (left-padded). Seeds are per batch, not per sample: a batch is
-    seeded with its seed (batches are split by seed), so a seeded sample is reproducible only
-    when it is batched with the same requests again.
+    sample that shares them (left-padded), whatever their seeds. Seeds are per batch, not per
+    sample: a batch is seeded from the seeds of its requests, so a seeded sample is reproducible
+    when it is batched with the same requests again (as the same step of a run is).
     """
 
     def __init__(
@@ -280,7 +281,7 @@ class HFEngine:
         seed: int = 0,
         trust_remote_code: bool = False,
         device: str = "cpu",
-        max_batch_size: int = 64,
+        max_batch_size: int = 256,
     ) -> None:
         from rayrlhf.models.hf_layout import converts_layout
         from rayrlhf.models.loading import load_policy, load_tokenizer
@@ -310,7 +311,7 @@ class HFEngine:
 
     @staticmethod
     def _batch_key(spec: SamplingSpec) -> tuple:
-        return (spec.temperature, spec.top_p, spec.top_k, spec.max_new_tokens, spec.stop_token_ids, spec.seed)
+        return (spec.temperature, spec.top_p, spec.top_k, spec.max_new_tokens, spec.min_new_tokens, spec.stop_token_ids)
 
     def _generation_config(self, spec: SamplingSpec, stop_ids: set[int]) -> Any:
         from transformers import GenerationConfig
@@ -322,7 +323,7 @@ class HFEngine:
             warpers = {"do_sample": True, "temperature": spec.temperature, "top_p": spec.top_p, "top_k": max(spec.top_k, 0)}
         return GenerationConfig(
             **warpers, min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1,
-            max_new_tokens=spec.max_new_tokens, min_new_tokens=0, eos_token_id=sorted(stop_ids),
+            max_new_tokens=spec.max_new_tokens, min_new_tokens=spec.min_new_tokens, eos_token_id=sorted(stop_ids),
             pad_token_id=self.pad_id, return_dict_in_generate=True, output_scores=True,
         )
 
@@ -344,8 +345,9 @@ class HFEngine:
         for row, (req, _) in enumerate(batch):
             input_ids[row, p_len - len(req.prompt_ids) :] = torch.as_tensor(req.prompt_ids, dtype=torch.long)
             attention[row, p_len - len(req.prompt_ids) :] = 1
-        if spec.seed is not None:
-            torch.manual_seed(spec.seed)
+        seeds = [req.sampling.seed + i for req, i in batch if req.sampling.seed is not None]
+        if seeds:  # one seed for the batch, from all of its requests' seeds: the same batch samples the same
+            torch.manual_seed(sum(s * 1_000_003**k for k, s in enumerate(seeds)) % (2**63 - 1))
         out = self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention.to(self.device),
@@ -416,7 +418,7 @@ def make_engine(backend: str, **kwargs: Any) -> Engine:
         return VLLMEngine(**kwargs)
     if backend == "hf":
         return HFEngine(**kwargs)
-    raise ValueError(f"rollout.backend must be 'vllm' or 'hf', got {backend!r}")
+    raise ValueError(f"rollout.backend must be 'vllm' or 'hf' here, got {backend!r} ('auto' is decided before: plan.resolve_backend)")
 
 
 __all__ = ["Engine", "HFEngine", "VLLMEngine", "make_engine", "merge_rank_checksums"]

@@ -32,6 +32,7 @@ from rayrlhf.algorithms import (
     ppo_policy_loss,
     sequence_logprob,
     sft_nll_loss,
+    truncated_importance_weights,
     value_loss,
 )
 
@@ -86,8 +87,40 @@ def split_rows(batch: Batch, n_chunks: int, keep: Callable[[str], bool]) -> list
     return [c for c in chunks if c[keys[0]].shape[0] > 0]
 
 
-def num_micro_batches(batch: Batch, micro_batch_size: int) -> int:
-    return max(1, math.ceil(num_rows(batch, is_main_key) / micro_batch_size))
+def num_micro_batches(batch: Batch, micro_batch_size: int | None, micro_batch_tokens: int) -> int:
+    """How many micro-batches this shard's rows go in: `micro_batch_size` rows each, or, when it is None,
+    as few as keep rows x padded length within `micro_batch_tokens` (the same on every rank: shards have
+    equal rows and the step's common width)."""
+    rows = num_rows(batch, is_main_key)
+    if micro_batch_size:
+        return max(1, math.ceil(rows / micro_batch_size))
+    width = sum(v.shape[1] for k, v in batch.items() if k.endswith("input_ids") and is_main_key(k))
+    return max(1, math.ceil(rows * width / micro_batch_tokens))
+
+
+def _owner(key: str) -> str:
+    """The packed sub-batch a key belongs to: its prefix, "" for the main one."""
+    return next((p for p in (PTX_PREFIX, *PAIR_PREFIXES) if key.startswith(p)), "")
+
+
+def trim_padding(mb: Batch) -> Batch:
+    """`mb` without the columns that are padding in all its rows: prompt columns before the first
+    attended one, response columns after the longest response. The layout stays `pack_batch`'s."""
+    out = dict(mb)
+    for prefix in {_owner(k) for k in mb if k.endswith("input_ids")}:
+        mask, attention = mb[prefix + "mask"], mb[prefix + "attention_mask"]
+        t_len, width = mask.shape[1], attention.shape[1]
+        keep_t = max(int((mask != 0).sum(dim=1).max()), 1)
+        attended = (attention != 0).any(dim=0).nonzero()
+        start = min(int(attended[0]) if len(attended) else 0, width - t_len - 1)  # keep at least one prompt column
+        for key, value in mb.items():
+            if _owner(key) != prefix or value.dim() != 2:
+                continue
+            if key.removeprefix(prefix) in ("input_ids", "attention_mask", "position_ids"):
+                out[key] = value[:, start : width - t_len + keep_t]
+            elif value.shape[1] == t_len:  # per-token: mask, old_logp, advantages, ref_logp, values, returns
+                out[key] = value[:, :keep_t]
+    return out
 
 
 def concat_packed(parts: list[Batch]) -> Batch:
@@ -133,13 +166,13 @@ def _share(local: float, total: float) -> float:
 
 _COMMON_ARGS = {"agg", "agg_constant", "temperature"}
 LOSS_ARGS: dict[str, set[str]] = {
-    "ppo": _COMMON_ARGS | {"clip_eps", "clip_eps_high", "kl_coef", "kl_estimator", "ptx_coef"},
+    "ppo": _COMMON_ARGS | {"clip_eps", "clip_eps_high", "kl_coef", "kl_estimator", "ptx_coef", "is_cap"},
     "value": _COMMON_ARGS | {"value_clip_eps"},
     "sft": _COMMON_ARGS,
     "bt": set(),
     "dpo": {"beta", "label_smoothing", "temperature"},
 }
-_EXTRA_KEYS = {"ppo": ("old_logp", "advantages"), "value": ("old_values", "returns"),
+_EXTRA_KEYS = {"ppo": ("advantages",), "value": ("old_values", "returns"),
                "dpo": ("ref_chosen_logp", "ref_rejected_logp")}
 
 
@@ -164,6 +197,8 @@ def validate(loss: str, batch: Batch, args: dict[str, Any]) -> None:
     needed = list(_EXTRA_KEYS.get(loss, ()))
     if loss == "ppo" and float(args.get("kl_coef", 0.0)) > 0:
         needed.append("ref_logp")
+    if loss == "ppo" and args.get("is_cap") is not None:
+        needed.append("sample_logp")
     missing = [k for k in needed if k not in batch]
     if missing:
         raise ValueError(f"loss {loss!r} needs batch keys {missing} (with these loss_args: {args})")
@@ -187,14 +222,22 @@ def _ppo(forward: Forward, mb: Batch, args: dict[str, Any], totals: dict[str, fl
     agg = args.get("agg", "token-mean")
     out = forward(sub_batch(mb, ""), True, float(args.get("temperature", 1.0)))
     logp, mask = out["logp"], mb["mask"]
+    # Without old_logp the step makes one update on samples of the current weights: the old
+    # policy is the current one, and its detached log-probs are exact (no separate forward).
+    old_logp = mb["old_logp"] if "old_logp" in mb else logp.detach()
+    tw = _share(float((mask != 0).sum()), totals["tokens"])
+    stats: dict[str, float] = {}
+    weights = None
+    if args.get("is_cap") is not None:  # samples of older weights: old_logp is the proximal policy
+        weights, is_stats = truncated_importance_weights(old_logp, mb["sample_logp"], mask, float(args["is_cap"]))
+        stats.update({k: float(v) * tw for k, v in is_stats.items() if k != "is_weight_max"})  # sums over passes
     pg, st = ppo_policy_loss(
-        logp, mb["old_logp"], mb["advantages"], mask, clip_eps=args.get("clip_eps", 0.2),
-        clip_eps_high=args.get("clip_eps_high"), agg=agg, agg_constant=args.get("agg_constant"),
+        logp, old_logp, mb["advantages"], mask, clip_eps=args.get("clip_eps", 0.2),
+        clip_eps_high=args.get("clip_eps_high"), agg=agg, agg_constant=args.get("agg_constant"), weights=weights,
     )
     w = _share(agg_units(mask, agg), totals["main"])
-    tw = _share(float((mask != 0).sum()), totals["tokens"])
     total = pg
-    stats = {"pg_loss": _f(pg) * w, "clipfrac": float(st["clipfrac"]) * tw, "approx_kl": float(st["approx_kl"]) * tw}
+    stats.update({"pg_loss": _f(pg) * w, "clipfrac": float(st["clipfrac"]) * tw, "approx_kl": float(st["approx_kl"]) * tw})
     kl_coef = float(args.get("kl_coef", 0.0))
     if kl_coef > 0:
         kl = kl_estimate(logp, mb["ref_logp"].to(logp.dtype), args.get("kl_estimator", "k3"))
@@ -202,6 +245,9 @@ def _ppo(forward: Forward, mb: Batch, args: dict[str, Any], totals: dict[str, fl
         stats["kl"] = float(masked_mean(kl.detach(), mask)) * tw
     if "entropy" in out:
         stats["entropy"] = float(masked_mean(out["entropy"].detach(), mask)) * tw
+    if "sample_logp" in mb:  # the engine's log-probs of these tokens: how far it is from this forward
+        gap = kl_estimate(mb["sample_logp"].to(logp.dtype), logp.detach(), "k3")
+        stats["logprob_mismatch"] = float(masked_mean(gap, mask)) * tw
     loss = total * w
     stats["loss"] = _f(loss)
     return PassResult(loss, stats)
@@ -276,7 +322,7 @@ _MAIN_PASSES = {"ppo": _ppo, "sft": _sft, "value": _value, "bt": _bt, "dpo": _dp
 
 
 def plan_passes(
-    loss: str, batch: Batch, args: dict[str, Any], micro_batch_size: int
+    loss: str, batch: Batch, args: dict[str, Any], micro_batch_size: int | None, micro_batch_tokens: int = 8192,
 ) -> list[Callable[[Forward, dict[str, float]], PassResult]]:
     """The forward/backward passes of one step on this shard, in order.
 
@@ -286,15 +332,18 @@ def plan_passes(
     """
     if loss not in _MAIN_PASSES:
         raise ValueError(f"unknown loss {loss!r}; valid losses are {sorted(LOSS_ROLES)}")
-    n_micro = num_micro_batches(batch, micro_batch_size)
+    n_micro = num_micro_batches(batch, micro_batch_size, micro_batch_tokens)
+    if args.get("agg") == "seq-mean-token-sum-norm" and args.get("agg_constant") is None and "mask" in batch:
+        # Dr. GRPO's constant is one length for the whole step, not each (trimmed) micro-batch's width
+        args = {**args, "agg_constant": float(batch["mask"].shape[1])}
     main_fn = _MAIN_PASSES[loss]
     passes = [
         (lambda fwd, totals, mb=mb: main_fn(fwd, mb, args, totals))
-        for mb in split_rows(batch, n_micro, is_main_key)
+        for mb in map(trim_padding, split_rows(batch, n_micro, is_main_key))
     ]
     if loss == "ppo" and float(args.get("ptx_coef", 0.0)) > 0:
         ptx_chunks = split_rows(batch, n_micro, lambda k: k.startswith(PTX_PREFIX))
         if not ptx_chunks:
             raise ValueError("ptx_coef > 0 needs a 'ptx_' packed sub-batch (ptx_input_ids, ptx_attention_mask, ...)")
-        passes += [(lambda fwd, totals, mb=mb: _ptx(fwd, mb, args, totals)) for mb in ptx_chunks]
+        passes += [(lambda fwd, totals, mb=mb: _ptx(fwd, mb, args, totals)) for mb in map(trim_padding, ptx_chunks)]
     return passes

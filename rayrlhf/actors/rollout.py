@@ -10,6 +10,7 @@ between `begin_weight_update` and `finish_weight_update` the loop does not step 
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -22,6 +23,7 @@ import ray
 from ray.actor import ActorHandle
 
 from rayrlhf.actors.engines import Engine, make_engine
+from rayrlhf.actors.resources import default_threads, pin_to_cores
 from rayrlhf.actors.types import Completion, GenerationRequest
 from rayrlhf.actors.weights import Bucket
 from rayrlhf.config import DataConfig, ModelConfig, RolloutConfig
@@ -48,8 +50,9 @@ class _Route:
 class RolloutWorker:
     """One generation engine behind a streaming, versioned, thread-safe actor interface."""
 
-    def __init__(self, name: str, backend: str, engine_kwargs: dict[str, Any]) -> None:
+    def __init__(self, name: str, backend: str, engine_kwargs: dict[str, Any], cpus: list[int] | None = None) -> None:
         started = time.perf_counter()
+        pin_to_cores(cpus)  # before the engine starts its threads (and TP processes), which inherit it
         self._name = name
         self._backend = backend
         self._engine: Engine = make_engine(backend, **engine_kwargs)
@@ -131,19 +134,21 @@ class RolloutWorker:
     # ----- generation ---------------------------------------------------------------------------
 
     @ray.method(concurrency_group="generate")
-    def generate(self, requests: list[GenerationRequest]) -> Iterator[Completion]:
-        """Yield every sample of `requests` as soon as it finishes (call with num_returns="streaming").
+    def generate(self, requests: list[GenerationRequest]) -> Iterator[list[Completion]]:
+        """Yield the samples of `requests` as they finish (call with num_returns="streaming").
 
-        Completions carry the weight version the engine held when they finished and this
-        worker's name. A request rejected by the engine (e.g. a prompt longer than the
-        context) fails the call with ValueError.
+        Each yield is a list: every completion that finished since the last one (those of one
+        engine step travel as one object instead of one object each). Completions carry the
+        weight version the engine held when they finished and this worker's name. A request
+        rejected by the engine (e.g. a prompt longer than the context) fails the call with
+        ValueError.
         """
         sink: queue.Queue = queue.Queue()
         with self._cond:
             if self._failed is not None:
                 raise RuntimeError(f"{self._name}: the engine failed earlier: {self._failed!r}")
-            ids = [r.request_id for r in requests]
-            clash = sorted({i for i in ids if i in self._routes or ids.count(i) > 1})
+            counts = collections.Counter(r.request_id for r in requests)
+            clash = sorted(i for i, n in counts.items() if i in self._routes or n > 1)
             if clash:
                 raise ValueError(f"{self._name}: request ids already in flight or repeated: {clash[:5]}")
             for request in requests:
@@ -153,11 +158,17 @@ class RolloutWorker:
             self._cond.notify_all()
         due = sum(r.sampling.n for r in requests)
         while due:
-            item = sink.get()
-            if isinstance(item, BaseException):
-                raise item
-            due -= 1
-            yield item
+            batch = [sink.get()]
+            while len(batch) < due:
+                try:
+                    batch.append(sink.get_nowait())
+                except queue.Empty:
+                    break
+            for item in batch:
+                if isinstance(item, BaseException):
+                    raise item
+            due -= len(batch)
+            yield batch
 
     def load(self) -> int:
         """Samples submitted and not yet returned: the dispatcher's measure of how busy this worker is."""
@@ -314,6 +325,12 @@ def create_rollout_workers(
         max_prompt_tokens = DataConfig.model_fields["max_prompt_tokens"].default
     max_model_len = max_model_len or rollout_cfg.max_model_len or max_prompt_tokens + rollout_cfg.max_new_tokens
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # engine core in the actor: weights pass by reference
+    # Generation and training take turns in the on-policy loop, so an engine may use the node's cores
+    # (vLLM otherwise drops to one thread); workers and their tensor-parallel ranks share them.
+    threads = rollout_cfg.num_threads or default_threads(
+        model_path, count * rollout_cfg.tensor_parallel_size, len(rollout_cfg.cpus) if rollout_cfg.cpus else None
+    )
+    env["OMP_NUM_THREADS"] = str(threads)
     if rollout_cfg.num_gpus == 0:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"  # pinning OpenMP threads made CPU decoding ~6x slower
     workers = []
@@ -328,7 +345,7 @@ def create_rollout_workers(
                 num_gpus=rollout_cfg.num_gpus,
                 max_concurrency=CONTROL_CONCURRENCY,
                 runtime_env={"env_vars": env},
-            ).remote(name, rollout_cfg.backend, kwargs)
+            ).remote(name, rollout_cfg.backend, kwargs, rollout_cfg.cpus)
         )
     if wait:
         try:

@@ -29,16 +29,20 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+import torch.nn.functional as F
 
 from rayrlhf.actors.losses_step import (
     LOSS_ROLES,
     Batch,
     count_units,
+    num_micro_batches,
     plan_passes,
     split_rows,
     sub_batch,
+    trim_padding,
     validate,
 )
+from rayrlhf.actors.resources import default_threads, pin_to_cores
 from rayrlhf.actors.weights import Bucket, Region, bucketize, full_region, region_slice, tensor_checksum
 from rayrlhf.models.forward import sequence_scores, token_logprobs, token_values
 from rayrlhf.models.hf_layout import checkpoint_aliases, checkpoint_format, module_weights
@@ -57,7 +61,8 @@ class TrainerSettings:
     """What one rank needs from the job config (built by `trainer_group.trainer_settings`)."""
 
     zero_stage: int = 2
-    micro_batch_size: int = 4
+    micro_batch_size: int | None = None  # None: rows per pass from micro_batch_tokens
+    micro_batch_tokens: int = 8192
     gradient_accumulation_steps: int = 1
     lr: float = 1e-6
     weight_decay: float = 0.0
@@ -72,14 +77,16 @@ class TrainerSettings:
     seed: int = 0
     temperature: float = 1.0  # sampling temperature the policy's log-probs are computed at
     disable_dropout: bool = True
+    num_threads: int | None = None  # torch threads; None: the node's cores shared by the group's ranks
+    cpus: list[int] | None = None  # cores the ranks are pinned to; None: any
 
 
 def deepspeed_config(s: TrainerSettings, world_size: int, bf16: bool) -> dict[str, Any]:
     """The DeepSpeed config of one rank (gradient accumulation is driven by hand, see the module docstring)."""
     return {
-        "train_micro_batch_size_per_gpu": s.micro_batch_size,
+        "train_micro_batch_size_per_gpu": s.micro_batch_size or 1,
         "gradient_accumulation_steps": s.gradient_accumulation_steps,
-        "train_batch_size": s.micro_batch_size * s.gradient_accumulation_steps * world_size,
+        "train_batch_size": (s.micro_batch_size or 1) * s.gradient_accumulation_steps * world_size,
         "gradient_clipping": s.max_grad_norm,
         "bf16": {"enabled": bf16},
         "zero_optimization": {"stage": s.zero_stage},
@@ -158,8 +165,10 @@ class TrainerRank:
         self.settings = settings
         self.engine: Any = None
         self.weight_group: Any = None
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        torch.set_num_threads(max(1, int(cpus)))
+        pin_to_cores(settings.cpus)
+        torch.set_num_threads(
+            settings.num_threads or default_threads(model_path, world_size, len(settings.cpus) if settings.cpus else None)
+        )
 
     def master_address(self) -> tuple[str, int]:
         """Rank 0's node IP and a free port there, for the other ranks' rendezvous."""
@@ -176,6 +185,12 @@ class TrainerRank:
             "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port), "RANK": str(self.rank),
             "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": "0",  # Ray gives each GPU actor its own device 0
         })
+        if self.world_size == 1 and not cuda:
+            # DeepSpeed loads (and on a fresh machine JIT-builds, ~1 min) a shared-memory all-reduce op for every
+            # CPU process group; a group of one rank never communicates, so it goes without.
+            import deepspeed.comm.torch as ds_comm_torch
+
+            ds_comm_torch.build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
         random.seed(s.seed)
         np.random.seed(s.seed)
@@ -188,7 +203,8 @@ class TrainerRank:
         decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
         groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=s.lr)
+        # fused: one kernel over all parameters (torch's default on CPU loops tensor by tensor)
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=s.lr, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s))
         bf16 = s.bf16 if s.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
         config = deepspeed_config(s, self.world_size, bf16)
@@ -210,11 +226,15 @@ class TrainerRank:
         """The role's outputs on this shard, micro-batch by micro-batch, in eval mode without grad."""
         self.engine.eval()
         packed = sub_batch(batch, "")
-        n_micro = max(1, math.ceil(packed["input_ids"].shape[0] / self.settings.micro_batch_size))
+        s = self.settings
+        n_micro = num_micro_batches(packed, s.micro_batch_size, s.micro_batch_tokens)
         outs: list[dict[str, torch.Tensor]] = []
+        width = packed["mask"].shape[1]
         with torch.no_grad():
-            for mb in split_rows(packed, n_micro, lambda k: True):
-                outs.append(self.engine(**self._to_device(mb), with_entropy=with_entropy, temperature=temperature))
+            for mb in map(trim_padding, split_rows(packed, n_micro, lambda k: True)):
+                out = self.engine(**self._to_device(mb), with_entropy=with_entropy, temperature=temperature)
+                # back to the shard's width (the trimmed micro-batch may hold fewer response columns)
+                outs.append({k: F.pad(v, (0, width - v.shape[1])) if v.dim() == 2 else v for k, v in out.items()})
         return {k: torch.cat([o[k] for o in outs]).float().cpu() for k in outs[0]}
 
     def forward_logprobs(
@@ -255,7 +275,7 @@ class TrainerRank:
         units = count_units(loss, batch, args)
         keys = sorted(units)
         totals = dict(zip(keys, self._all_reduce([units[k] for k in keys]), strict=True))
-        passes = plan_passes(loss, batch, args, self.settings.micro_batch_size)
+        passes = plan_passes(loss, batch, args, self.settings.micro_batch_size, self.settings.micro_batch_tokens)
         engine = self.engine
         engine.train()
 

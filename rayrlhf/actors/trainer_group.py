@@ -52,9 +52,10 @@ def trainer_settings(cfg: JobConfig, role: str, total_steps: int) -> TrainerSett
     mini = t.mini_batch_size or cfg.samples_per_step
     per_rank = max(1, mini // rc.num_ranks)
     return TrainerSettings(
-        zero_stage=t.zero_stage,
+        zero_stage=t.stage_for(rc.num_ranks),
         micro_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=max(1, math.ceil(per_rank / t.micro_batch_size)),
+        micro_batch_tokens=t.micro_batch_tokens,
+        gradient_accumulation_steps=max(1, math.ceil(per_rank / (t.micro_batch_size or per_rank))),
         lr=rc.lr,
         weight_decay=rc.weight_decay,
         warmup_steps=rc.warmup_steps,
@@ -68,6 +69,8 @@ def trainer_settings(cfg: JobConfig, role: str, total_steps: int) -> TrainerSett
         seed=cfg.seed,
         temperature=cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0,
         disable_dropout=cfg.model.disable_dropout,
+        num_threads=rc.num_threads,
+        cpus=rc.cpus,
     )
 
 
@@ -197,7 +200,8 @@ class TrainerGroup:
 
         Batches are `pack_batch` layouts (input_ids, attention_mask, position_ids [B, P+T], mask [B, T])
         plus, per loss:
-          * ``ppo``: old_logp [B, T], advantages [B, T] or [B]; ref_logp with ``kl_coef`` > 0 (KL as a
+          * ``ppo``: advantages [B, T] or [B]; old_logp [B, T] (without it, the detached log-probs of the
+            update's own forward: exact for a step that makes one update); ref_logp with ``kl_coef`` > 0 (KL as a
             loss term, GRPO); a ``ptx_``-prefixed packed sub-batch with ``ptx_coef`` > 0 (PPO-ptx).
             loss_args: clip_eps, clip_eps_high, kl_coef, kl_estimator, ptx_coef, agg, temperature.
           * ``value``: old_values, returns [B, T]; loss_args: value_clip_eps, agg.

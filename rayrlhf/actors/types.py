@@ -19,6 +19,7 @@ class SamplingSpec:
     top_p: float = 1.0
     top_k: int = -1
     max_new_tokens: int = 64
+    min_new_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
 

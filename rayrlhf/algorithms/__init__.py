@@ -28,6 +28,7 @@ from .losses import (
     ppo_policy_loss,
     sequence_logprob,
     sft_nll_loss,
+    truncated_importance_weights,
     value_loss,
 )
 from .utils import explained_variance, masked_mean, masked_sum, masked_var, masked_whiten
@@ -57,5 +58,6 @@ __all__ = [
     "sequence_logprob",
     "sft_nll_loss",
     "token_rewards",
+    "truncated_importance_weights",
     "value_loss",
 ]

@@ -17,6 +17,7 @@ __all__ = [
     "AGG_MODES",
     "aggregate_loss",
     "ppo_policy_loss",
+    "truncated_importance_weights",
     "value_loss",
     "dpo_loss",
     "bradley_terry_loss",
@@ -66,6 +67,7 @@ def ppo_policy_loss(
     clip_eps_high: float | None = None,
     agg: str = "token-mean",
     agg_constant: float | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate objective (Schulman et al. 2017), as a loss to minimise.
 
@@ -78,6 +80,9 @@ def ppo_policy_loss(
     larger, i.e. the gradient is cut), ``approx_kl`` (token mean of the k3 estimate of
     KL(pi_old || pi_theta) on the pi_old samples, i.e. ``(r - 1) - log r``), ``ratio_mean``,
     ``ratio_max`` and ``loss``.
+
+    ``weights`` [B, T] (detached) multiply each token's term: the truncated importance weights
+    π_old / π_behaviour of decoupled PPO, when the samples came from older weights than π_old.
     """
     clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     if clip_eps < 0 or clip_eps_high < 0:
@@ -93,6 +98,8 @@ def ppo_policy_loss(
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps_high)
     per_token = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * weights.detach().to(per_token.dtype)
     loss = aggregate_loss(per_token, mask, agg, agg_constant)
     with torch.no_grad():
         mask_f = mask.to(logp.dtype)
@@ -104,6 +111,33 @@ def ppo_policy_loss(
             "ratio_max": torch.where(valid, ratio.detach(), torch.zeros_like(ratio)).max(),
         }
     return loss, stats
+
+
+def truncated_importance_weights(
+    prox_logp: torch.Tensor, behaviour_logp: torch.Tensor, mask: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token ``min(π_prox / π_behaviour, cap)`` (0 on padding) for samples drawn by stale weights.
+
+    Decoupled PPO (Hilton et al. 2022) and TIS: the clipped ratio is taken against the proximal
+    policy π_prox (the trainer's weights before this update), and the sampling correction from
+    the behaviour policy (the engine that generated, maybe several versions ago) is a separate
+    importance weight, truncated at ``cap`` so one unlikely token cannot dominate the step.
+    Stats: ``is_weight_mean``, ``is_weight_max`` (before truncation) and ``is_clipped_frac``.
+    """
+    if not cap > 0:
+        raise ValueError(f"importance cap must be > 0, got {cap}")
+    valid = mask != 0
+    with torch.no_grad():
+        log_w = torch.where(valid, prox_logp.detach() - behaviour_logp.to(prox_logp.dtype), torch.zeros_like(prox_logp))
+        raw = torch.exp(log_w)
+        weights = torch.where(valid, raw.clamp(max=cap), torch.zeros_like(raw))
+        mask_f = mask.to(raw.dtype)
+        stats = {
+            "is_weight_mean": masked_mean(weights, mask_f),
+            "is_weight_max": torch.where(valid, raw, torch.zeros_like(raw)).max(),
+            "is_clipped_frac": masked_mean((raw > cap).to(raw.dtype), mask_f),
+        }
+    return weights, stats
 
 
 def value_loss(

@@ -1,6 +1,6 @@
 """The `rayrlhf` command line: one entry point, a sub-command per job kind.
 
-Exit codes (DESIGN.md): 0 success; 2 invalid input, with a short message naming the field,
+Exit codes (docs/design.md): 0 success; 2 invalid input, with a short message naming the field,
 file or line; 1 any other failure.
 """
 

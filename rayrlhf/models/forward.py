@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 
 def pack_batch(
@@ -35,29 +34,53 @@ def pack_batch(
     return {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids, "mask": mask}
 
 
-def response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
-    """Logits [B, T, V] that predict each response token (column P + t - 1), divided by the temperature."""
+_LOGIT_ROWS = 2048  # positions per float32 log-sum-exp chunk: bounds the float32 copy of the logits
+
+
+def response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits [B, T, V] that predict each response token (column P + t - 1), in the model's dtype.
+
+    Only the last T + 1 positions go through the output layer (`logits_to_keep`): the prompt's
+    positions predict nothing we train on, and on long prompts the [B, P, V] logits are most of
+    the memory. The model's own final scaling / soft-capping still applies.
+    """
     t_len = batch["mask"].shape[1]
-    out = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-        use_cache=False,
-    )
-    logits = out.logits[:, -t_len - 1 : -1, :].float()
-    return logits / temperature if temperature != 1.0 else logits
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "position_ids": batch["position_ids"], "use_cache": False}
+    try:
+        out = model(**kwargs, logits_to_keep=t_len + 1)
+    except TypeError:  # a model whose forward predates logits_to_keep
+        out = model(**kwargs)
+    return out.logits[:, -t_len - 1 : -1, :]
 
 
 def token_logprobs(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-probs [B, T] of the response tokens (0 on padding), and optionally the entropy [B, T]."""
-    logits = response_logits(model, batch, temperature)
+    """Per-token log-probs [B, T] of the response tokens under log_softmax(logits / T) (0 on padding),
+    and the entropy [B, T] when asked (a statistic: computed without autograd).
+
+    log p(y) = logit(y) - logsumexp(logits), in float32, a chunk of positions at a time, so no
+    full float32 [B, T, V] log-softmax is ever materialised.
+    """
+    logits = response_logits(model, batch)
     t_len = batch["mask"].shape[1]
     targets = batch["input_ids"][:, -t_len:]
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * batch["mask"]
-    entropy = None
-    if with_entropy:
-        entropy = -(logp_all.exp() * logp_all).sum(-1) * batch["mask"]
+    flat = logits.reshape(-1, logits.shape[-1])
+    flat_targets = targets.reshape(-1)
+    logp_parts, entropy_parts = [], []
+    for start in range(0, flat.shape[0], _LOGIT_ROWS):
+        chunk = flat[start : start + _LOGIT_ROWS].float()
+        if temperature != 1.0:
+            chunk = chunk / temperature
+        lse = torch.logsumexp(chunk, dim=-1)
+        logp_parts.append(chunk.gather(-1, flat_targets[start : start + _LOGIT_ROWS, None]).squeeze(-1) - lse)
+        if with_entropy:
+            with torch.no_grad():
+                probs = torch.exp(chunk - lse[:, None])
+                entropy_parts.append(lse - (probs * chunk).sum(-1))
+    logp = torch.cat(logp_parts).reshape(targets.shape) * batch["mask"]
+    entropy = torch.cat(entropy_parts).reshape(targets.shape) * batch["mask"] if with_entropy else None
     return logp, entropy
 
 

@@ -23,12 +23,15 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "orchestrator.json"
 RNG_FILE = "rng.pt"
+ROLLOUTS_FILE = "rollouts.pt"
 
 
 def save_checkpoint(
-    root: Path, step: int, state: dict[str, Any], save_trainers: Callable[[Path], None], keep_last: int
+    root: Path, step: int, state: dict[str, Any], save_trainers: Callable[[Path], None], keep_last: int,
+    rollouts: dict[int, Any] | None = None,
 ) -> Path:
-    """Write step `step`: trainers (via `save_trainers(folder)`), orchestrator state and RNG, atomically."""
+    """Write step `step`: trainers (via `save_trainers(folder)`), orchestrator state, RNG and the
+    buffered rollouts of later steps (asynchronous mode), atomically."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
     tmp = root / f".tmp-step_{step}"
@@ -37,6 +40,8 @@ def save_checkpoint(
     save_trainers(tmp)
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     torch.save(rng_state(), tmp / RNG_FILE)
+    if rollouts:
+        torch.save(rollouts, tmp / ROLLOUTS_FILE)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -62,6 +67,12 @@ def load_state(folder: Path) -> dict[str, Any]:
     state = json.loads((folder / STATE_FILE).read_text())
     set_rng_state(torch.load(folder / RNG_FILE, weights_only=True))
     return state
+
+
+def load_rollouts(folder: Path) -> dict[int, Any]:
+    """The buffered rollouts a checkpoint holds ({} when none), loaded with weights_only=True."""
+    path = folder / ROLLOUTS_FILE
+    return torch.load(path, weights_only=True) if path.is_file() else {}
 
 
 def _prune(root: Path, keep_last: int) -> None:

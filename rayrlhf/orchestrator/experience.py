@@ -54,7 +54,7 @@ def compute_advantages(
     truncated: torch.Tensor,
     mask: torch.Tensor,
     logp: torch.Tensor,
-    ref_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
     values: torch.Tensor | None,
     kl_coef: float,
 ) -> Advantages:
@@ -72,7 +72,7 @@ def compute_advantages(
     mask = mask * valid.to(mask.dtype).unsqueeze(1)
     scores = torch.where(valid, torch.nan_to_num(scores), torch.zeros_like(scores))
     scores = scores - cfg.overlong_penalty * truncated.to(scores.dtype)
-    kl = kl_estimate(logp, ref_logp, cfg.kl_estimator) * mask
+    kl = kl_estimate(logp, ref_logp, cfg.kl_estimator) * mask if ref_logp is not None else torch.zeros_like(mask)
     beta = kl_coef if cfg.kl_as_reward else 0.0
     rewards = token_rewards(scores, kl, mask, beta)
     returns = None

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ class MetricsWriter:
         self._fh = path.open("a")
 
     def write(self, row: dict[str, Any]) -> None:
+        row = {**row, "time": row.get("time", time.time())}  # wall clock (Unix seconds) when the row was written
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         self._fh.write(json.dumps(clean) + "\n")
         self._fh.flush()

@@ -2,15 +2,19 @@
 
     checks    <- plan, models, tokenizers, data and reward function, before any actor (preflight)
     evaluate  <- data.eval before the first step (step 0), every schedule.eval_every steps, at the end
+    launch    <- the rollouts of steps 1 .. 1 + k (k = schedule.max_staleness; 0: on-policy)
     for each step:
-        prompts   <- next prompts_per_step rows of data.train (seeded order, resumable)
-        rollouts  <- rollout workers, streamed; each finished micro-batch is scored at once:
-                     reference log-probs, reward, critic values, the policy's own log-probs
+        rollouts  <- this step's samples (prompts_per_step rows of data.train, seeded order, resumable),
+                     streamed from the workers; each finished micro-batch is scored at once:
+                     reference log-probs, reward, and (on-policy) critic values and old log-probs
+        trainers  <- (k >= 1) critic values and old log-probs under the weights that will train
         scores    <- clipped / normalised (reward.clip, reward.normalize)
         targets   <- KL to the reference, token rewards, advantages (GAE / group / RLOO / REINFORCE++)
-        update    <- ppo_epochs passes of mini-batches on the policy (and critic) trainers
-        sync      <- new weights to every rollout worker, checksums verified
-        log       <- one metrics row; a checkpoint when due
+        update    <- ppo_epochs passes of mini-batches on the policy (and critic) trainers; samples
+                     of older weights are reweighted by truncated importance weights (k >= 1)
+        sync      <- (after every launched rollout is done) new weights to every worker, verified
+        log       <- one metrics row; a checkpoint when due (with the buffered rollouts)
+        launch    <- the rollouts of step + 1 + k, generated while the next steps train
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ import torch
 
 from rayrlhf.actors.types import Completion, GenerationRequest, SamplingSpec
 from rayrlhf.algorithms import explained_variance, make_kl_controller, masked_mean
-from rayrlhf.config import JobConfig, to_yaml
+from rayrlhf.config import ConfigError, JobConfig, to_yaml
 from rayrlhf.data.datasets import reward_columns
 from rayrlhf.models.forward import pack_batch
-from rayrlhf.orchestrator.checkpoint import latest_checkpoint, load_state, save_checkpoint
+from rayrlhf.orchestrator.checkpoint import latest_checkpoint, load_rollouts, load_state, save_checkpoint
 from rayrlhf.orchestrator.evaluation import evaluate
 from rayrlhf.orchestrator.experience import (
     RunningMoments,
@@ -39,9 +43,10 @@ from rayrlhf.orchestrator.experience import (
     shape_scores,
 )
 from rayrlhf.orchestrator.metrics import MetricsWriter, progress
+from rayrlhf.orchestrator.pipeline import RolloutPipeline, staleness
 from rayrlhf.orchestrator.preflight import Checked, preflight
 from rayrlhf.orchestrator.rollout import stream_rollouts
-from rayrlhf.orchestrator.system import System
+from rayrlhf.orchestrator.system import System, old_logprobs_mode
 from rayrlhf.orchestrator.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -69,16 +74,21 @@ class OnlineRL:
         self.telemetry = Telemetry(cfg)  # before the actors: a missing tensorboard/wandb fails fast
         self.data, self.eval_data = checked.train, checked.eval
         self.system = System(cfg, checked)
-        self.telemetry.watch_rollout(self.system.rollout_workers)
-        self.tokenizer = self.system.tokenizer
-        algo = cfg.algorithm
-        self.kl_ctl = make_kl_controller(algo.kl_controller, algo.kl_coef, algo.kl_target, algo.kl_horizon)
-        self.moments = RunningMoments()
-        self.step = 0
-        self.weight_version = 0
-        self.first_length: float | None = None  # response length at step 1, for the drift figure
-        resume_step = self._restore() if resume else None
-        self.metrics = MetricsWriter(self.out / "metrics.jsonl", resume_from_step=resume_step)
+        try:
+            self.telemetry.watch_rollout(self.system.rollout_workers)
+            self.tokenizer = self.system.tokenizer
+            algo = cfg.algorithm
+            self.kl_ctl = make_kl_controller(algo.kl_controller, algo.kl_coef, algo.kl_target, algo.kl_horizon)
+            self.moments = RunningMoments()
+            self.step = 0
+            self.weight_version = 0
+            self.first_length: float | None = None  # response length at step 1, for the drift figure
+            self.pipeline = RolloutPipeline()
+            resume_step = self._restore() if resume else None
+            self.metrics = MetricsWriter(self.out / "metrics.jsonl", resume_from_step=resume_step)
+        except BaseException:
+            self.system.shutdown()
+            raise
 
     # ----------------------------------------------------------------------------------- loop
     def run(self) -> Path:
@@ -87,6 +97,7 @@ class OnlineRL:
             self._log_eval({"step": 0, "weight_version": 0, **self._evaluate()})
         bar = progress(cfg.schedule.steps, self.step, f"{cfg.algorithm.name}")
         try:
+            self._launch_rollouts()
             while self.step < cfg.schedule.steps:
                 row = self.train_step()
                 every, last = cfg.schedule.eval_every, self.step == cfg.schedule.steps
@@ -97,11 +108,13 @@ class OnlineRL:
                 self._report(bar, row)
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save()
+                self._launch_rollouts()
             final = self.out / "final"
             self.system.policy.export_hf(str(final))
             log.info("final policy written to %s", final)
             return final
         finally:
+            self.pipeline.close()
             if bar is not None:
                 bar.close()
             self.metrics.close()
@@ -111,28 +124,22 @@ class OnlineRL:
         cfg, algo = self.cfg, self.cfg.algorithm
         t_step = time.monotonic()
         self.step += 1
+        stale = cfg.schedule.max_staleness > 0
 
-        # 1. prompts, each sampled group_size times
-        indices = self.data.next_batch(cfg.schedule.prompts_per_step)
-        requests = [self._request(k, i) for k, i in enumerate(indices)]
-        position = {r.request_id: k for k, r in enumerate(requests)}
-
-        # 2. rollouts, streamed into scoring
-        t0 = time.monotonic()
-        scored, timings = stream_rollouts(
-            self.system.rollout_workers, requests,
-            lambda batch: self.system.score(batch, self._columns(batch, [indices[position[c.request_id]] for c in batch])),
-            cfg.rollout.micro_batch_size,
-        )
-        rollout_s = time.monotonic() - t0
-        exp = self._assemble(scored, position)
+        # 1-2. this step's samples, scored as they streamed in (launched k steps ago, or just now)
+        scored, timings, wait_s = self.pipeline.take(self.step)
+        rollout_s = timings.gen_end - timings.gen_start
+        exp = self._assemble(scored)
+        if stale:  # the critic's values and old log-probs of the weights about to train on them
+            packed = {k: exp[k] for k in ("input_ids", "attention_mask", "position_ids", "mask")}
+            exp.update({k: v for k, v in self.system.trainer_outputs(packed).items() if v is not None})
 
         # 3. scores, KL, rewards and advantages
         kl_coef = float(self.kl_ctl.value)
         scores = shape_scores(exp["scores"], exp["valid"], cfg.reward.clip, cfg.reward.normalize, self.moments)
-        adv = compute_advantages(
-            algo, scores, exp["valid"], exp["truncated"], exp["mask"], exp["logp"], exp["ref_logp"],
-            exp.get("values"), kl_coef,
+        adv = compute_advantages(  # the sampling policy's log-probs for the KL: the trainer's, else the engine's
+            algo, scores, exp["valid"], exp["truncated"], exp["mask"], exp.get("logp", exp["sample_logp"]),
+            exp.get("ref_logp"), exp.get("values"), kl_coef,
         )
 
         # 4. policy (and critic) updates
@@ -140,34 +147,55 @@ class OnlineRL:
         train_metrics = self._update(exp, adv)
         train_s = time.monotonic() - t0
 
-        # 5. weight sync to every rollout worker
+        # 5. weight sync to every rollout worker, once no rollout is in flight
+        wait_s += self.pipeline.wait_all()
         t0 = time.monotonic()
         self.weight_version += 1
-        verify = cfg.schedule.verify_sync_every and self.weight_version % cfg.schedule.verify_sync_every == 0
+        every = cfg.schedule.verify_sync_every
+        verify = every and (self.weight_version == 1 or self.weight_version % every == 0)
         self.system.sync_weights(self.weight_version, verify=bool(verify))
         sync_s = time.monotonic() - t0
 
         self.kl_ctl.update(*controller_kl(adv.kl, exp["mask"], exp["valid"]))
-        return self._metrics_row(exp, adv, kl_coef, train_metrics, timings, rollout_s, train_s, sync_s, t_step)
+        row = self._metrics_row(exp, adv, kl_coef, train_metrics, timings, rollout_s, train_s, sync_s, t_step)
+        row["timing/rollout_wait_s"] = wait_s
+        return row
 
     # -------------------------------------------------------------------------------- helpers
-    def _request(self, position: int, index: int) -> GenerationRequest:
-        """The sampling request for prompt `index`; the seed depends only on (seed, step, position),
-        so a resumed run samples exactly what the uninterrupted one would have."""
+    def _launch_rollouts(self) -> None:
+        """Launch the rollouts of every step up to step + 1 + max_staleness not launched yet."""
+        last = min(self.step + 1 + self.cfg.schedule.max_staleness, self.cfg.schedule.steps)
+        for step in range(max([self.step, *self.pipeline.launched]) + 1, last + 1):
+            indices = self.data.next_batch(self.cfg.schedule.prompts_per_step)  # here, in step order: resumable
+            requests = [self._request(step, k, i) for k, i in enumerate(indices)]
+            position = {r.request_id: k for k, r in enumerate(requests)}
+            trainer_side = self.cfg.schedule.max_staleness == 0  # else the trainers are busy, and their weights too new
+
+            def score(batch: list[Completion], indices=indices, position=position, trainer_side=trainer_side):
+                columns = self._columns(batch, [indices[position[c.request_id]] for c in batch])
+                return self.system.score(batch, columns, trainer_side)
+
+            self.pipeline.launch(step, lambda requests=requests, score=score: stream_rollouts(
+                self.system.rollout_workers, requests, score, self.cfg.rollout.micro_batch_size))
+
+    def _request(self, step: int, position: int, index: int) -> GenerationRequest:
+        """The sampling request for prompt `index` of step `step`; the seed depends only on (seed, step,
+        position), so a resumed run samples exactly what the uninterrupted one would have."""
         r = self.cfg.rollout
-        seed = (self.cfg.seed * 1_000_003 + self.step * 10_007 + position * 101) % (2**31 - 1)
+        seed = (self.cfg.seed * 1_000_003 + step * 10_007 + position * 101) % (2**31 - 1)
         spec = SamplingSpec(
             n=self.cfg.algorithm.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-            max_new_tokens=r.max_new_tokens, stop_token_ids=(self.tokenizer.eos_token_id,), seed=seed,
+            max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, stop_token_ids=(self.tokenizer.eos_token_id,),
+            seed=seed,
         )
-        return GenerationRequest(f"s{self.step}-p{position}", list(self.data.prompt_ids[index]), spec)
+        return GenerationRequest(f"s{step}-p{position}", list(self.data.prompt_ids[index]), spec)
 
     def _columns(self, batch: list[Completion], rows_of: list[int]) -> tuple[list[str], dict[str, list]]:
         """Raw prompts and the other data columns of each completion's row, for the reward."""
         rows = [self.data.rows[i] for i in rows_of]
         return [r["prompt"] for r in rows], reward_columns(rows)
 
-    def _assemble(self, scored: list[tuple[list[Completion], dict[str, Any]]], position: dict[str, int]) -> dict[str, Any]:
+    def _assemble(self, scored: list[tuple[list[Completion], dict[str, Any]]]) -> dict[str, Any]:
         """One batch of all samples, groups contiguous (prompt order, then sample index)."""
         rows = []
         for completions, res in scored:
@@ -175,7 +203,8 @@ class OnlineRL:
                 n = len(c.response_ids)
                 per_token = {k: res[k][i, :n] for k in ("ref_logp", "logp", "entropy", "values") if res.get(k) is not None}
                 per_token["sample_logp"] = torch.tensor(c.logprobs, dtype=torch.float32)
-                rows.append((position[c.request_id], c.sample_index, c, per_token, res["scores"][i]))
+                position = int(c.request_id.rsplit("-p", 1)[1])  # from _request: f"s{step}-p{position}"
+                rows.append((position, c.sample_index, c, per_token, res["scores"][i]))
         rows.sort(key=lambda r: (r[0], r[1]))
         completions = [r[2] for r in rows]
         batch = pack_batch([c.prompt_ids for c in completions], [c.response_ids for c in completions], self.tokenizer.pad_token_id)
@@ -196,21 +225,29 @@ class OnlineRL:
         keys = ("input_ids", "attention_mask", "position_ids", "mask")
         data = {k: exp[k] for k in keys}
         data["mask"] = exp["mask"] * exp["valid"].float().unsqueeze(1)
-        data.update(old_logp=exp["logp"], advantages=adv.advantages, ref_logp=exp["ref_logp"])
+        data.update(advantages=adv.advantages, sample_logp=exp["sample_logp"])
+        mode = old_logprobs_mode(cfg)  # "current": one update per step, its own forward is the old policy
+        if mode != "current":
+            data["old_logp"] = exp["logp"] if mode == "recompute" else exp["sample_logp"]
+        if "ref_logp" in exp:
+            data["ref_logp"] = exp["ref_logp"]
         if adv.returns is not None:
             data.update(old_values=exp["values"], returns=adv.returns)
         policy_args = {
             "clip_eps": algo.clip_eps, "clip_eps_high": algo.clip_eps_high, "agg": algo.loss_agg,
+            "agg_constant": float(cfg.rollout.max_new_tokens),  # Dr. GRPO's normaliser: the generation budget
             "temperature": cfg.rollout.temperature or 1.0,
             "kl_coef": 0.0 if algo.kl_as_reward else float(self.kl_ctl.value), "kl_estimator": algo.kl_estimator,
         }
         if algo.ptx_coef > 0:
             policy_args["ptx_coef"] = algo.ptx_coef
+        if cfg.schedule.max_staleness > 0 and mode != "rollout":  # old_logp is the proximal policy: reweight
+            policy_args["is_cap"] = algo.importance_cap
         n = exp["input_ids"].shape[0]
         mini = cfg.trainer.mini_batch_size or n
         rng = torch.Generator().manual_seed(cfg.seed * 7919 + self.step)
         sums: dict[str, float] = {}
-        count = 0
+        count, first_mismatch = 0, float("nan")
         for _ in range(algo.ppo_epochs):
             order = torch.randperm(n, generator=rng)
             for start in range(0, n, mini):
@@ -222,10 +259,15 @@ class OnlineRL:
                 if self.system.critic is not None:
                     critic_args = {"value_clip_eps": algo.value_clip_eps}
                     metrics.update({f"critic/{k}": v for k, v in self.system.critic.train_step(mb, "value", critic_args).items()})
+                if count == 0 and "policy/logprob_mismatch" in metrics:  # the first mini-batch: before any update
+                    first_mismatch = metrics["policy/logprob_mismatch"]
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1
-        return {k: v / count for k, v in sums.items()}
+        out = {k: v / count for k, v in sums.items() if k != "policy/logprob_mismatch"}
+        if "logp" not in exp and count:  # no scoring forward: the update's first forward measures it
+            out["rollout/logprob_mismatch"] = first_mismatch
+        return out
 
     def _metrics_row(self, exp, adv, kl_coef, train, timings, rollout_s, train_s, sync_s, t_step) -> dict[str, Any]:
         mask = exp["mask"] * exp["valid"].float().unsqueeze(1)
@@ -240,17 +282,17 @@ class OnlineRL:
             "reward/mean": float(exp["scores"][valid].mean()) if valid.any() else float("nan"),
             "reward/std": float(exp["scores"][valid].std()) if valid.sum() > 1 else 0.0,
             "reward/failed": int((~valid).sum()),
-            "kl/mean": kl_token_mean(adv.kl, mask),
-            "kl/seq_mean": kl_per_sequence(adv.kl, mask),
+            "kl/mean": kl_token_mean(adv.kl, mask) if "ref_logp" in exp else float("nan"),  # null: no KL computed
+            "kl/seq_mean": kl_per_sequence(adv.kl, mask) if "ref_logp" in exp else float("nan"),
             "kl/coef": kl_coef,
             "response/length_mean": length,
             "response/length_drift": length / max(self.first_length, 1e-9),
             "response/truncated_frac": float(exp["truncated"].float().mean()),
             "rollout/backend": self.cfg.rollout.backend,
             "rollout/min_weight_version": min(exp["versions"]),
-            **logprob_mismatch(exp["sample_logp"], exp["logp"], exp["mask"]),
+            **staleness(self.step, exp["versions"]),
+            **(logprob_mismatch(exp["sample_logp"], exp["logp"], exp["mask"]) if "logp" in exp else {}),
             "advantages/mean": float(masked_mean(adv.advantages, mask)),
-            "policy/entropy": float(masked_mean(exp["entropy"], mask)) if "entropy" in exp else float("nan"),
             "throughput/tokens_per_s": tokens / max(rollout_s, 1e-9),
             "timing/step_s": time.monotonic() - t_step,
             "timing/rollout_s": rollout_s,
@@ -262,6 +304,8 @@ class OnlineRL:
         }
         if adv.returns is not None:
             row["critic/explained_variance"] = float(explained_variance(exp["values"], adv.returns, mask))
+        if "entropy" in exp:  # else the update's own forward reports it (policy/entropy)
+            row["policy/entropy"] = float(masked_mean(exp["entropy"], mask))
         row.update(train)
         return row
 
@@ -292,9 +336,12 @@ class OnlineRL:
             "kl_controller": self.kl_ctl.state_dict(),
             "reward_moments": self.moments.state_dict(),
             "first_length": self.first_length,
+            "max_staleness": self.cfg.schedule.max_staleness,
         }
+        self.pipeline.wait_all()
         return save_checkpoint(
-            self.out / "checkpoints", self.step, state, self.system.save_trainers, self.cfg.checkpoint.keep_last
+            self.out / "checkpoints", self.step, state, self.system.save_trainers, self.cfg.checkpoint.keep_last,
+            self.pipeline.state_dict(),
         )
 
     def _restore(self) -> int | None:
@@ -303,12 +350,19 @@ class OnlineRL:
             log.warning("--resume: no checkpoint under %s; starting from scratch", self.out / "checkpoints")
             return None
         state = load_state(folder)
+        saved_k = int(state.get("max_staleness", 0))
+        if saved_k != self.cfg.schedule.max_staleness:
+            raise ConfigError(
+                f"schedule.max_staleness={self.cfg.schedule.max_staleness}, but {folder} was saved with {saved_k}: its "
+                "buffered rollouts and data position belong to that setting; resume with the same value"
+            )
         self.step = int(state["step"])
         self.weight_version = int(state["weight_version"])
         self.data.load_state_dict(state["data"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.moments.load_state_dict(state["reward_moments"])
         self.first_length = state["first_length"]
+        self.pipeline.load_state_dict(load_rollouts(folder))
         self.system.load_trainers(folder)
         self.system.sync_weights(self.weight_version, verify=True)
         log.info("resumed from %s (step %d)", folder, self.step)

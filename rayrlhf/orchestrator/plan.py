@@ -82,6 +82,28 @@ def _model_type(name: str | None) -> str | None:
     return None
 
 
+HF_BACKEND_MAX_BYTES = 1024**3  # rollout.backend auto: transformers generate below this on CPU
+
+
+def resolve_backend(cfg: JobConfig) -> str:
+    """rollout.backend with `auto` decided: vLLM on GPUs, with tensor parallelism, for a hub model (its size is
+    unknown here) or one of 1 GB and more, and for layouts the transformers engine cannot update; transformers
+    generate for a smaller local model on CPU, where its lower per-step overhead wins (measured: README)."""
+    r = cfg.rollout
+    if r.backend != "auto":
+        return r.backend
+    import importlib.util
+
+    from rayrlhf.actors.resources import checkpoint_bytes
+
+    policy = cfg.model.policy
+    small = policy == "tiny" or policy.startswith(TINY_PREFIX) or (checkpoint_bytes(policy) or HF_BACKEND_MAX_BYTES) < HF_BACKEND_MAX_BYTES
+    if (_gpu(r.num_gpus) or r.tensor_parallel_size > 1 or not small or _converts_layout(_model_type(policy))) \
+            and importlib.util.find_spec("vllm") is not None:
+        return "vllm"
+    return "hf"
+
+
 def _converts_layout(model_type: str | None) -> bool:
     """Whether transformers keeps this model type's weights in another layout than its checkpoint."""
     if model_type is None:
@@ -91,10 +113,10 @@ def _converts_layout(model_type: str | None) -> bool:
     return bool(get_checkpoint_conversion_mapping(model_type))
 
 
-def _trainer_path(cfg: JobConfig, role: str, gpu: bool) -> str:
+def _trainer_path(cfg: JobConfig, role: str, gpu: bool, ranks: int) -> str:
     t = cfg.trainer
     precision = ("bf16" if t.bf16 else "fp32") if t.bf16 is not None else ("bf16 where supported" if gpu else "fp32")
-    return (f"DeepSpeed ZeRO-{t.zero_stage}, {'nccl' if gpu else 'gloo'}, {precision}"
+    return (f"DeepSpeed ZeRO-{t.stage_for(ranks)}, {'nccl' if gpu else 'gloo'}, {precision}"
             + (", gradient checkpointing" if t.gradient_checkpointing else ""))
 
 
@@ -103,7 +125,8 @@ def plan_actors(cfg: JobConfig) -> ActorPlan:
     r, srv, problems = cfg.rollout, cfg.servers, []
     tp = r.tensor_parallel_size
     rollout_gpu = _gpu(r.num_gpus)
-    if r.backend == "hf":
+    backend = resolve_backend(cfg)
+    if backend == "hf":
         if tp > 1:
             problems.append(f"rollout.tensor_parallel_size = {tp} needs rollout.backend: vllm "
                             "(the hf backend generates on one device)")
@@ -130,12 +153,13 @@ def plan_actors(cfg: JobConfig) -> ActorPlan:
         if 0 < rc.num_gpus < 1 or rc.num_gpus != int(rc.num_gpus):
             problems.append(f"trainer.{role}.num_gpus = {rc.num_gpus:g}: a rank needs whole GPUs "
                             "(ranks of one NCCL group cannot share a GPU)")
-        path = _trainer_path(cfg, role, _gpu(rc.num_gpus))
+        path = _trainer_path(cfg, role, _gpu(rc.num_gpus), rc.num_ranks)
         actors += [ActorSpec(f"{role}-{i}", role, rc.num_cpus, rc.num_gpus, path) for i in range(rc.num_ranks)]
 
-    ref_device = "cuda" if _gpu(srv.reference_num_gpus) else "cpu"
-    actors.append(ActorSpec("reference", "reference", srv.reference_num_cpus, srv.reference_num_gpus,
-                            f"frozen {cfg.model.reference or cfg.model.policy} on {ref_device}, forward only"))
+    if cfg.algorithm.needs_reference:  # no KL (kl_coef 0, fixed controller): no reference to run
+        ref_device = "cuda" if _gpu(srv.reference_num_gpus) else "cpu"
+        actors.append(ActorSpec("reference", "reference", srv.reference_num_cpus, srv.reference_num_gpus,
+                                f"frozen {cfg.model.reference or cfg.model.policy} on {ref_device}, forward only"))
     kind = ("model " + str(cfg.model.reward)) if cfg.model.reward else (
         f"function {cfg.reward.function}" if cfg.reward.function else "HTTP endpoint")
     reward_device = "cuda" if _gpu(srv.reward_num_gpus) else "cpu"
@@ -151,7 +175,11 @@ def plan_actors(cfg: JobConfig) -> ActorPlan:
     else:
         sync = "object_store: buckets stored once in Ray's object store, read by every worker"
     every = cfg.schedule.verify_sync_every
-    sync += f"; verified every {every} sync(s)" if every else "; not verified"
+    sync += f"; verified at the first sync and every {every}" if every else "; not verified"
+    k = cfg.schedule.max_staleness
+    if k and cfg.algorithm.is_online:
+        sync += (f"; asynchronous: samples up to {k} version(s) old, generated while the trainers train, "
+                 f"reweighted by importance weights truncated at {cfg.algorithm.importance_cap:g}")
     return ActorPlan(actors, sync, problems)
 
 

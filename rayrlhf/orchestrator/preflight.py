@@ -20,7 +20,7 @@ from rayrlhf.data.datasets import PromptDataset, load_prompts, load_rows, reward
 from rayrlhf.errors import InvalidInput
 from rayrlhf.models.loading import load_tokenizer, same_tokenizer
 from rayrlhf.models.tiny import resolve_model_path
-from rayrlhf.orchestrator.plan import ActorPlan, check_plan
+from rayrlhf.orchestrator.plan import ActorPlan, check_plan, resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ def preflight(cfg: JobConfig) -> Checked:
     from rayrlhf.rewards.functions import check_reward_function
 
     plan = check_plan(cfg)
+    cfg.rollout.backend = resolve_backend(cfg)  # `auto` decided once: config.yaml, the workers and metrics show it
     cache = Path(cfg.output_dir) / ".models"
     policy = _model(cfg, "model.policy", cfg.model.policy, cache)
     try:

@@ -60,8 +60,13 @@ def assign_least_loaded(requests: Sequence[GenerationRequest], loads: Sequence[i
     return out
 
 
+def collect(worker: Any, requests: Sequence[GenerationRequest]) -> list[Completion]:
+    """Every completion of `requests` from one worker, in the order they finished."""
+    return [c for ref in worker.generate.options(num_returns="streaming").remote(list(requests)) for c in ray.get(ref)]
+
+
 def _drain(generator: Any, sink: queue.Queue) -> None:
-    """Move one worker's streamed completions into `sink`; errors travel too, and end the rollout."""
+    """Move one worker's streamed lists of completions into `sink`; errors travel too, and end the rollout."""
     try:
         for ref in generator:
             sink.put(ray.get(ref))
@@ -71,6 +76,17 @@ def _drain(generator: Any, sink: queue.Queue) -> None:
         sink.put(_DONE)
 
 
+def _split(items: list, n: int) -> list[list]:
+    """`items` in `n` contiguous, nearly equal chunks."""
+    size, extra = divmod(len(items), n)
+    out, start = [], 0
+    for i in range(n):
+        end = start + size + (i < extra)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
 def stream_rollouts(
     workers: Sequence[Any],
     requests: Sequence[GenerationRequest],
@@ -78,11 +94,15 @@ def stream_rollouts(
     micro_batch_size: int,
     scoring_threads: int = 2,
 ) -> tuple[list[tuple[list[Completion], Any]], RolloutTimings]:
-    """Generate all `requests` on `workers`; call `score` on each micro-batch as soon as it is complete.
+    """Generate all `requests` on `workers`; call `score` on the finished samples as soon as at least
+    `micro_batch_size` of them are waiting.
 
-    Returns (completions, score result) per micro-batch, in the order they were scored, and the
-    phase timings. Nothing is dropped: every sample that was asked for comes back, or the
-    first worker error is raised.
+    What has arrived is scored together (split over the scoring threads): samples that finish
+    one by one are scored in micro-batches while generation goes on, and a burst of samples that
+    finish together costs a few scoring calls, not one per micro-batch. Returns (completions,
+    score result) per scored batch, in the order they were scored, and the phase timings.
+    Nothing is dropped: every sample that was asked for comes back, or the first worker error
+    is raised.
     """
     timings = RolloutTimings(gen_start=time.monotonic())
     expected = sum(r.sampling.n for r in requests)
@@ -113,10 +133,11 @@ def stream_rollouts(
                 continue
             if isinstance(item, Exception):
                 raise RuntimeError(f"a rollout worker failed: {item}") from item
-            received += 1
-            pending.append(item)
+            received += len(item)
+            pending.extend(item)
             if len(pending) >= micro_batch_size:
-                futures.append(pool.submit(timed, pending))
+                chunks = max(1, min(scoring_threads, len(pending) // micro_batch_size))
+                futures += [pool.submit(timed, list(chunk)) for chunk in _split(pending, chunks)]
                 pending = []
         timings.gen_end = time.monotonic()
         if pending:

@@ -21,6 +21,19 @@ from rayrlhf.models.forward import pack_batch
 from rayrlhf.models.loading import resolve_dtype
 from rayrlhf.orchestrator.preflight import Checked
 
+
+def old_logprobs_mode(cfg: JobConfig) -> str:
+    """`algorithm.old_logprobs` resolved: "current" (the update's own forward) when a step makes exactly
+    one update per sample, since the old policy then is the current one; otherwise the configured way."""
+    mode = cfg.algorithm.old_logprobs
+    one_update = cfg.algorithm.ppo_epochs == 1 and (cfg.trainer.mini_batch_size or cfg.samples_per_step) >= cfg.samples_per_step
+    if mode == "auto":
+        # Asynchronous with the KL as a reward: the penalty is measured under the weights being
+        # trained (a forward), not under the stale ones that sampled.
+        stale_kl = cfg.schedule.max_staleness > 0 and cfg.algorithm.kl_as_reward and cfg.algorithm.needs_reference
+        return "current" if one_update and not stale_kl else "recompute"
+    return mode
+
 log = logging.getLogger(__name__)
 
 
@@ -43,25 +56,39 @@ class System:
 
     def __init__(self, cfg: JobConfig, checked: Checked) -> None:
         self.cfg, self.plan = cfg, checked.plan
-        trust = cfg.model.trust_remote_code
         self.policy_path = checked.policy
         self.tokenizer = checked.tokenizer
+        self.recompute_old_logp = old_logprobs_mode(cfg) == "recompute"
         # Weights travel in the engine's dtype; checksums compare the same bytes on both sides.
         self.sync_dtype = str(resolve_dtype(cfg.rollout.dtype if cfg.rollout.dtype != "auto" else cfg.model.dtype)).removeprefix("torch.")
         steps = cfg.schedule.steps * cfg.algorithm.ppo_epochs * (cfg.samples_per_step // (cfg.trainer.mini_batch_size or cfg.samples_per_step))
         log.info("creating %d rollout worker(s) (%s)", cfg.rollout.num_workers, cfg.rollout.backend)
+        self.policy = self.critic = self.reference = self.eval_reward = None
+        self.rollout_workers, self.rewards = [], []
+        try:
+            self._start(cfg, checked, steps)
+        except BaseException:
+            self.shutdown()  # nothing half-started is left behind, holding names or resources
+            raise
+        self._reward_turn = 0
+        # Calls into one trainer group must reach all its ranks in the same order (collectives).
+        self._policy_lock = threading.Lock()
+        self._critic_lock = threading.Lock()
+        self._ptx = None
+
+    def _start(self, cfg: JobConfig, checked: Checked, steps: int) -> None:
+        trust = cfg.model.trust_remote_code
         self.rollout_workers = create_rollout_workers(
             self.policy_path, cfg.rollout, cfg.model, cfg.seed,
             max_prompt_tokens=cfg.data.max_prompt_tokens, wait=False,  # engines start while the trainers do
         )
-        log.info("creating the policy trainer group (%d rank(s), ZeRO-%d)", cfg.trainer.policy.num_ranks, cfg.trainer.zero_stage)
-        self.policy = TrainerGroup.from_config(cfg, "policy", self.policy_path, steps)
-        self.critic = TrainerGroup.from_config(cfg, "critic", checked.critic, steps) if checked.critic else None
         srv, no_dropout = cfg.servers, cfg.model.disable_dropout
-        [ref] = self.plan.of("reference")
-        self.reference = RemoteReferenceServer.options(
-            name=ref.name, num_cpus=ref.num_cpus, num_gpus=ref.num_gpus
-        ).remote(checked.reference, cfg.model.dtype, trust, srv.micro_batch_size, cfg.rollout.temperature or 1.0, no_dropout)
+        # no KL computed (kl_coef 0, fixed controller): no reference server
+        for ref in self.plan.of("reference"):
+            self.reference = RemoteReferenceServer.options(
+                name=ref.name, num_cpus=ref.num_cpus, num_gpus=ref.num_gpus
+            ).remote(checked.reference, cfg.model.dtype, trust, srv.micro_batch_size, cfg.rollout.temperature or 1.0,
+                     no_dropout)
         self.rewards = [
             RemoteRewardServer.options(name=spec.name, num_cpus=spec.num_cpus, num_gpus=spec.num_gpus).remote(
                 model_path=checked.reward_model, function=cfg.reward.function, url=cfg.reward.url, dtype=cfg.model.dtype,
@@ -75,40 +102,49 @@ class System:
         if cfg.reward.eval_function:
             self.eval_reward = RemoteRewardServer.options(name="eval-reward", num_cpus=0).remote(
                 function=cfg.reward.eval_function, timeout_s=cfg.reward.timeout_s)
-        ray.get([self.reference.ready.remote()] + [r.ready.remote() for r in self.rewards]
-                + ([self.eval_reward.ready.remote()] if self.eval_reward else []))
+        # The servers and engines start in the background; the trainer groups start (and block) meanwhile.
+        log.info("creating the policy trainer group (%d rank(s), ZeRO-%d)", cfg.trainer.policy.num_ranks,
+                 cfg.trainer.stage_for(cfg.trainer.policy.num_ranks))
+        self.policy = TrainerGroup.from_config(cfg, "policy", self.policy_path, steps)
+        self.critic = TrainerGroup.from_config(cfg, "critic", checked.critic, steps) if checked.critic else None
+        ray.get([r.ready.remote() for r in self.servers])
         ray.get([w.ready.remote() for w in self.rollout_workers])
-        self._reward_turn = 0
-        # Calls into one trainer group must reach all its ranks in the same order (collectives).
-        self._policy_lock = threading.Lock()
-        self._critic_lock = threading.Lock()
-        self._ptx = None
 
     # ------------------------------------------------------------------------------ scoring
-    def score(self, completions: list[Completion], prompts_and_columns: tuple[list[str], dict[str, list]]) -> dict[str, Any]:
+    def score(
+        self, completions: list[Completion], prompts_and_columns: tuple[list[str], dict[str, list]], trainer_side: bool = True,
+    ) -> dict[str, Any]:
         """Everything the update needs about one micro-batch of finished samples.
 
         Reference log-probs, the reward and (ppo) values are requested at once and computed in
         parallel by different actors; the policy's own log-probs (old_logp) come from the
-        policy trainer, which is otherwise idle during the rollout.
+        policy trainer, which is otherwise idle during the rollout, when the step needs them
+        (`algorithm.old_logprobs`: a step with one update uses its own forward instead).
+        Without `trainer_side` (asynchronous mode: the trainers are busy, and the values and
+        old log-probs must be those of the weights that will train) only the frozen servers score.
         """
         prompts, columns = prompts_and_columns
         batch = pack_batch([c.prompt_ids for c in completions], [c.response_ids for c in completions], self.tokenizer.pad_token_id)
         responses = self.tokenizer.batch_decode([c.response_ids for c in completions], skip_special_tokens=True)
         reward = self.rewards[self._reward_turn % len(self.rewards)]
         self._reward_turn += 1
-        ref_ref = self.reference.logprobs.remote(batch)
+        ref_ref = self.reference.logprobs.remote(batch) if self.reference is not None else None
         reward_ref = reward.score.remote(prompts, responses, columns, batch if self.cfg.model.reward else None)
-        with self._policy_lock:
-            policy_out = self.policy.forward_logprobs(batch, with_entropy=True)
+        out = self.trainer_outputs(batch) if trainer_side else {}
+        return {"ref_logp": ray.get(ref_ref) if ref_ref is not None else None, "scores": ray.get(reward_ref), **out}
+
+    def trainer_outputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        """The trainers' view of finished samples under their current weights: the policy's log-probs
+        and entropy (when the step recomputes old log-probs) and the critic's values (ppo)."""
+        policy_out: dict[str, torch.Tensor] = {}
+        if self.recompute_old_logp:
+            with self._policy_lock:
+                policy_out = self.policy.forward_logprobs(batch, with_entropy=True)
         values = None
         if self.critic is not None:
             with self._critic_lock:
                 values = self.critic.forward_values(batch)
-        return {
-            "ref_logp": ray.get(ref_ref), "logp": policy_out["logp"], "entropy": policy_out.get("entropy"),
-            "values": values, "scores": ray.get(reward_ref),
-        }
+        return {"logp": policy_out.get("logp"), "entropy": policy_out.get("entropy"), "values": values}
 
     def score_reward(
         self, completions: list[Completion], prompts_and_columns: tuple[list[str], dict[str, list]]
@@ -123,6 +159,11 @@ class System:
         if self.eval_reward is not None:
             refs["true_scores"] = self.eval_reward.score.remote(prompts, responses, columns)
         return {k: ray.get(v) for k, v in refs.items()}
+
+    @property
+    def servers(self) -> list[Any]:
+        """The frozen servers: reference (if any), reward servers, the evaluation reward (if any)."""
+        return [a for a in (self.reference, *self.rewards, self.eval_reward) if a is not None]
 
     def reset_prefix_caches(self) -> None:
         """Drop cached prompt KV in every engine, e.g. after evaluation, so training steps see the same engines."""
@@ -167,6 +208,6 @@ class System:
         for group in (self.policy, self.critic):
             if group is not None:
                 group.shutdown()
-        for actor in [*self.rollout_workers, self.reference, *self.rewards, *([self.eval_reward] if self.eval_reward else [])]:
+        for actor in [*self.rollout_workers, *self.servers]:
             ray.kill(actor)
         _wait_names_free([f"rollout-{i}" for i in range(len(self.rollout_workers))] + ["reference"])

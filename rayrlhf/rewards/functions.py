@@ -1,6 +1,6 @@
 """Reward functions: loading `file.py:fn` / `module:fn`, and calling them without losing samples.
 
-A reward function is `fn(prompts, responses, **columns) -> list[float | None]` (DESIGN.md).
+A reward function is `fn(prompts, responses, **columns) -> list[float | None]` (docs/design.md).
 A sample it cannot score (it returns None for it, raises on it, or the call times out) is
 marked None: the orchestrator leaves it out of the update and counts it in `reward/failed`.
 The function runs in a child process (`FunctionRunner`), so a call that hangs is stopped at its

@@ -1,4 +1,4 @@
-"""Reward functions for the tasks in `rayrlhf.data.tasks` (signature in DESIGN.md)."""
+"""Reward functions for the demo's `sort` task and for tests (signature in docs/design.md)."""
 
 from __future__ import annotations
 
