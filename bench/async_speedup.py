@@ -4,7 +4,7 @@ Generation and training get different resources, as separate GPU pools would giv
 rollout worker is pinned to core 0 and the policy trainer to core 1 (`rollout.cpus`,
 `trainer.policy.cpus`), one thread each. The job is GRPO on the `alphabet_reward` task (learnable
 from random weights) with a randomly initialised tied Qwen2 built locally (`--size`), 8 prompts x
-8 samples x 16 new tokens per step, no KL. Each k runs the same number of steps, so the same
+8 samples x 24 new tokens per step, no KL. Each k runs the same number of steps, so the same
 number of samples: the reward reached is compared at equal samples.
 
 samples/s counts the samples of steps 2..N over the wall-clock time between the metrics rows of
@@ -30,7 +30,7 @@ SIZES = {  # build_architecture("qwen2", ...) overrides
     "small": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
               "intermediate_size": 768},
 }
-PROMPTS, SAMPLES, NEW_TOKENS = 8, 8, 16
+PROMPTS, SAMPLES, NEW_TOKENS = 8, 8, 24  # 24 tokens: generation and training take about as long
 
 
 def run(model: Path, k: int, steps: int, lr: float, out: Path) -> list[dict]:

@@ -48,7 +48,7 @@ class DemoSettings:
     n_eval: int = 200
     sft_steps: int = 300
     sft_lr: float = 3e-3
-    rm_steps: int = 200
+    rm_steps: int = 400  # held-out accuracy plateaus near 0.96 from about 300 steps (cosine schedule)
     rm_lr: float = 1e-3
     rm_samples: int = 4  # SFT samples per prompt, ranked by the rule into comparisons
     ppo_steps: int = 40
@@ -74,7 +74,7 @@ def job(out: Path, name: str, **sections: Any) -> JobConfig:
 def stage_configs(out: Path, data: dict[str, Path], base: Path, s: DemoSettings) -> dict[str, JobConfig]:
     """The three jobs; the reward model trains on DIR/data/sort_pairs_rm_train.jsonl, written after SFT."""
     sft, rm = str(out / "sft" / "final"), str(out / "rm" / "final")
-    offline_trainer = {"zero_stage": 2, "micro_batch_size": 64, "mini_batch_size": 64}
+    offline_trainer = {"mini_batch_size": 64}
     return {
         "sft": job(out, "sft", seed=s.seed, model={"policy": str(base)}, algorithm={"name": "sft"},
                    data={"train": str(data["sft_train"]), "eval": str(data["sft_eval"])},
@@ -86,11 +86,15 @@ def stage_configs(out: Path, data: dict[str, Path], base: Path, s: DemoSettings)
                   schedule={"steps": s.rm_steps, "epochs": 100, "eval_every": 0}),
         "ppo": job(out, "ppo", seed=s.seed, model={"policy": sft, "critic": rm, "reward": rm},
                    algorithm={"name": "ppo", "kl_coef": s.kl_coef, "ppo_epochs": s.ppo_epochs},
-                   data={"train": str(data["prompts_train"])},
+                   # the rule scores the held-out prompts during training (never the training samples):
+                   # eval/true_reward_mean against eval/reward_mean (the learned reward) shows over-optimisation
+                   reward={"eval_function": "rayrlhf.rewards.tasks:sort_reward"},
+                   data={"train": str(data["prompts_train"]), "eval": str(data["prompts_eval"])},
                    rollout={"backend": "vllm", "max_new_tokens": s.max_new_tokens, "temperature": 1.0},
-                   trainer={"zero_stage": 2, "micro_batch_size": 64, "mini_batch_size": s.ppo_prompts_per_step // 2,
+                   trainer={"mini_batch_size": s.ppo_prompts_per_step // 2,
                             "policy": {"lr": s.ppo_lr}, "critic": {"lr": s.critic_lr}},
-                   schedule={"steps": s.ppo_steps, "prompts_per_step": s.ppo_prompts_per_step}),
+                   schedule={"steps": s.ppo_steps, "prompts_per_step": s.ppo_prompts_per_step,
+                             "eval_every": max(1, s.ppo_steps // 4), "eval_decoding": "sampled", "eval_max_prompts": 64}),
     }
 
 
