@@ -4,7 +4,7 @@
 corruption, critic and reward model, export) in `make test`; this runs whole `rayrlhf train`
 jobs on each row, which take too long for CI: for every row a GRPO and a PPO job of `--steps`
 steps on the local sort prompts (`alphabet_reward`, which a random model learns), with
-`schedule.verify_sync_every=1`. It reports each job's s/step (median after the first step) and
+`schedule.verify_sync_every=1`, generating with vLLM. It reports each job's s/step (median after the first step) and
 whether it finished; the baseline of the JSON line is the number of jobs run.
 
     python bench/architecture_jobs.py [--steps 3] [--rows qwen2,phi3] [--tp 1]
@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def job(algo: str, row: str, steps: int, tp: int, out: Path) -> dict:
     overrides = [f"model.policy=tiny:{row}", "reward.function=rayrlhf.rewards.tasks:alphabet_reward",
                  "schedule.verify_sync_every=1", f"schedule.steps={steps}", "checkpoint.every=0", "data.eval=null",
+                 "rollout.backend=vllm",  # `auto` would pick transformers generate for these tiny models
                  f"rollout.tensor_parallel_size={tp}", f"output_dir={out}", "ray.include_dashboard=false"]
     if algo == "ppo":
         overrides.append(f"model.critic=tiny:{row}")

@@ -172,8 +172,9 @@ class OnlineRL:
             trainer_side = self.cfg.schedule.max_staleness == 0  # else the trainers are busy, and their weights too new
 
             def score(batch: list[Completion], indices=indices, position=position, trainer_side=trainer_side):
-                columns = self._columns(batch, [indices[position[c.request_id]] for c in batch])
-                return self.system.score(batch, columns, trainer_side)
+                positions = [position[c.request_id] for c in batch]
+                return {**self.system.score(batch, self._columns(batch, [indices[p] for p in positions]), trainer_side),
+                        "positions": positions}  # each completion's prompt position in the step, for _assemble
 
             self.pipeline.launch(step, lambda requests=requests, score=score: stream_rollouts(
                 self.system.rollout_workers, requests, score, self.cfg.rollout.micro_batch_size))
@@ -203,8 +204,7 @@ class OnlineRL:
                 n = len(c.response_ids)
                 per_token = {k: res[k][i, :n] for k in ("ref_logp", "logp", "entropy", "values") if res.get(k) is not None}
                 per_token["sample_logp"] = torch.tensor(c.logprobs, dtype=torch.float32)
-                position = int(c.request_id.rsplit("-p", 1)[1])  # from _request: f"s{step}-p{position}"
-                rows.append((position, c.sample_index, c, per_token, res["scores"][i]))
+                rows.append((res["positions"][i], c.sample_index, c, per_token, res["scores"][i]))
         rows.sort(key=lambda r: (r[0], r[1]))
         completions = [r[2] for r in rows]
         batch = pack_batch([c.prompt_ids for c in completions], [c.response_ids for c in completions], self.tokenizer.pad_token_id)
