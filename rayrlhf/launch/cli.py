@@ -12,11 +12,12 @@ import sys
 from collections.abc import Callable, Sequence
 
 from rayrlhf.config import load_config, to_yaml
-from rayrlhf.errors import InvalidInput
+from rayrlhf.errors import InvalidInput, Preempted
 
 log = logging.getLogger("rayrlhf")
 
 EXIT_OK, EXIT_FAILURE, EXIT_INVALID = 0, 1, 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on SIGTERM with a checkpoint; run again with --resume
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -119,6 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidInput as exc:
         sys.stderr.write(f"rayrlhf: {exc}\n")
         return EXIT_INVALID
+    except Preempted as exc:
+        sys.stderr.write(f"rayrlhf: {exc}\n")
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         sys.stderr.write("rayrlhf: interrupted\n")
         return EXIT_FAILURE

@@ -20,6 +20,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from rayrlhf.actors.types import Completion, GenerationRequest, SamplingSpec
 from rayrlhf.algorithms import explained_variance, make_kl_controller, masked_mean
 from rayrlhf.config import ConfigError, JobConfig, to_yaml
 from rayrlhf.data.datasets import reward_columns
+from rayrlhf.errors import Preempted
 from rayrlhf.models.forward import pack_batch
 from rayrlhf.orchestrator.checkpoint import latest_checkpoint, load_rollouts, load_state, save_checkpoint
 from rayrlhf.orchestrator.evaluation import evaluate
@@ -58,6 +61,24 @@ def pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
     for i, row in enumerate(rows):
         out[i, : len(row)] = row
     return out
+
+
+class _StopOnSigterm:
+    """Turns SIGTERM into a request the loop reads at the next step boundary (main thread only)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        log.warning("SIGTERM: stopping after this step, with a checkpoint")
+        self.requested = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 class OnlineRL:
@@ -92,7 +113,10 @@ class OnlineRL:
 
     # ----------------------------------------------------------------------------------- loop
     def run(self) -> Path:
+        """Train to schedule.steps and export `final/`. SIGTERM (preemption, `ray job stop`) stops the job at
+        the end of the current step, after a checkpoint: `Preempted` is raised, and --resume continues exactly."""
         cfg = self.cfg
+        stop = _StopOnSigterm()
         if self.step == 0 and self.eval_data is not None:
             self._log_eval({"step": 0, "weight_version": 0, **self._evaluate()})
         bar = progress(cfg.schedule.steps, self.step, f"{cfg.algorithm.name}")
@@ -106,14 +130,19 @@ class OnlineRL:
                 self.metrics.write(row)
                 self.telemetry.record(row)
                 self._report(bar, row)
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
-                    self.save()
+                due = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
+                preempted = stop.requested and self.step < cfg.schedule.steps
+                if due or preempted:
+                    folder = self.save()
+                    if preempted:
+                        raise Preempted(self.step, str(folder))
                 self._launch_rollouts()
             final = self.out / "final"
             self.system.policy.export_hf(str(final))
             log.info("final policy written to %s", final)
             return final
         finally:
+            stop.restore()
             self.pipeline.close()
             if bar is not None:
                 bar.close()
