@@ -8,7 +8,9 @@ This keeps every per-token quantity a dense [B, T] tensor with a right-padded `m
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
+from functools import cache
 
 import torch
 
@@ -47,11 +49,14 @@ def response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
     t_len = batch["mask"].shape[1]
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
               "position_ids": batch["position_ids"], "use_cache": False}
-    try:
-        out = model(**kwargs, logits_to_keep=t_len + 1)
-    except TypeError:  # a model whose forward predates logits_to_keep
-        out = model(**kwargs)
-    return out.logits[:, -t_len - 1 : -1, :]
+    if _takes_logits_to_keep(type(model)):  # custom (remote) code may predate it: full logits, same slice
+        kwargs["logits_to_keep"] = t_len + 1
+    return model(**kwargs).logits[:, -t_len - 1 : -1, :]
+
+
+@cache
+def _takes_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def token_logprobs(

@@ -367,8 +367,7 @@ class OnlineRL:
             "first_length": self.first_length,
             "max_staleness": self.cfg.schedule.max_staleness,
         }
-        self.pipeline.wait_all()
-        return save_checkpoint(
+        return save_checkpoint(  # at a step boundary: every launched rollout finished before the sync
             self.out / "checkpoints", self.step, state, self.system.save_trainers, self.cfg.checkpoint.keep_last,
             self.pipeline.state_dict(),
         )
