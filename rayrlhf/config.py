@@ -246,6 +246,24 @@ class CheckpointConfig(Section):
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
 
 
+class FaultsConfig(Section):
+    max_restarts: int = Field(3, ge=0, description="Restarts of each rollout worker, reference and reward server before it counts as lost.")
+    trainer_restarts: int = Field(
+        2, ge=0, description="Times the trainer groups are rebuilt from the latest checkpoint after a rank dies or hangs."
+    )
+    restart_timeout_s: float = Field(600.0, gt=0, description="How long to wait for a restarted actor (engine start included), s.")
+    generation_timeout_s: float = Field(
+        120.0, gt=0, description="A rollout worker with work that returns no sample for this long (+ the per-token part) is hung, s."
+    )
+    generation_timeout_per_token_s: float = Field(
+        0.1, ge=0, description="Seconds added to generation_timeout_s per token of rollout.max_new_tokens."
+    )
+    score_timeout_s: float = Field(300.0, gt=0, description="Longest call to a reference or reward server before it is hung, s.")
+    train_timeout_s: float = Field(1800.0, gt=0, description="Longest trainer-group call (a train step, a forward, a save) before a rank is hung, s.")
+    sync_timeout_s: float = Field(600.0, gt=0, description="Longest weight sync to the rollout workers before a worker is hung, s.")
+    heartbeat_s: float = Field(60.0, gt=0, description="Log what the driver waits on every this many seconds while a phase runs long.")
+
+
 class RayConfig(Section):
     address: str | None = Field(None, description="Ray cluster address; default RAY_ADDRESS, else an embedded local Ray.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray (default: all).")
@@ -274,6 +292,7 @@ class JobConfig(Section):
     servers: ServersConfig = Field(default_factory=ServersConfig, description="Reference and reward servers; weight sync.")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Steps and batch sizes.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
+    faults: FaultsConfig = Field(default_factory=FaultsConfig, description="Restarts, timeouts and heartbeats (fault tolerance).")
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray connection.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics export: Ray metrics, TensorBoard, W&B.")
 

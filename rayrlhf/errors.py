@@ -1,4 +1,5 @@
-"""Errors that mean "the user's input is wrong": the CLI shows them without a traceback and exits 2."""
+"""The project's own exceptions: bad input (the CLI shows it without a traceback and exits 2), and the
+ways a job stops on purpose (preemption, actors lost beyond their restarts)."""
 
 
 class InvalidInput(ValueError):
@@ -11,3 +12,11 @@ class Preempted(RuntimeError):
     def __init__(self, step: int, checkpoint: str) -> None:
         super().__init__(f"stopped on SIGTERM after step {step}; checkpoint {checkpoint}; continue with --resume")
         self.step, self.checkpoint = step, checkpoint
+
+
+class WorkersLost(RuntimeError):
+    """No rollout worker is left in service and none came back within faults.restart_timeout_s."""
+
+
+class TrainerFailed(RuntimeError):
+    """A trainer rank died or hung; its ZeRO world cannot go on, so the groups are rebuilt from a checkpoint."""

@@ -23,6 +23,7 @@ import ray
 from ray.actor import ActorHandle
 
 from rayrlhf.actors.engines import Engine, make_engine
+from rayrlhf.actors.health import identity, thread_stacks
 from rayrlhf.actors.resources import default_threads, pin_to_cores
 from rayrlhf.actors.types import Completion, GenerationRequest
 from rayrlhf.actors.weights import Bucket
@@ -178,6 +179,14 @@ class RolloutWorker:
     def weight_version(self) -> int:
         return self._version
 
+    def identity(self) -> tuple[str, int]:
+        """(node id, pid), for a stack dump from outside should this worker hang."""
+        return identity()
+
+    def stacks(self) -> str:
+        """Every thread's stack (answered from a control thread while the engine thread is stuck)."""
+        return thread_stacks()
+
     def reset_prefix_cache(self) -> None:
         """Forget cached prompt KV (cached blocks are reused across requests with the same prefix)."""
         with self._engine_lock:
@@ -312,13 +321,15 @@ def create_rollout_workers(
     max_model_len: int | None = None,
     name_prefix: str = "rollout",
     wait: bool = True,
+    max_restarts: int = 0,
 ) -> list[ActorHandle]:
     """Start `num_workers` (default rollout.num_workers) workers named `{name_prefix}-{i}`.
 
     The engine context is `max_model_len`, else rollout.max_model_len, else max_prompt_tokens
     (pass data.max_prompt_tokens; default: its default) plus rollout.max_new_tokens. Worker i samples with seed + i so workers do not repeat each
     other. With `wait`, returns once every engine is up; if one fails, all are killed and the
-    error is raised.
+    error is raised. Ray restarts a worker whose process dies up to `max_restarts` times (its
+    engine starts again from `model_path`: the caller pushes the current weights back in).
     """
     count = num_workers if num_workers is not None else rollout_cfg.num_workers
     if max_prompt_tokens is None:
@@ -344,6 +355,7 @@ def create_rollout_workers(
                 num_cpus=rollout_cfg.num_cpus,
                 num_gpus=rollout_cfg.num_gpus,
                 max_concurrency=CONTROL_CONCURRENCY,
+                max_restarts=max_restarts,
                 runtime_env={"env_vars": env},
             ).remote(name, rollout_cfg.backend, kwargs, rollout_cfg.cpus)
         )

@@ -12,6 +12,7 @@ import os
 import ray
 import torch
 
+from rayrlhf.actors.health import identity
 from rayrlhf.models.forward import pack_batch, sequence_scores, token_logprobs
 from rayrlhf.models.loading import load_policy, load_reward_model, load_tokenizer, same_tokenizer
 
@@ -42,6 +43,10 @@ class ReferenceServer:
 
     def ready(self) -> bool:
         return True
+
+    def identity(self) -> tuple[str, int]:
+        """(node id, pid), for a stack dump from outside should this server hang."""
+        return identity()
 
     @torch.no_grad()
     def logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -98,6 +103,10 @@ class RewardServer:
 
     def ready(self) -> bool:
         return True
+
+    def identity(self) -> tuple[str, int]:
+        """(node id, pid), for a stack dump from outside should this server hang."""
+        return identity()
 
     @torch.no_grad()
     def score(

@@ -31,6 +31,7 @@ import ray
 import torch
 import torch.nn.functional as F
 
+from rayrlhf.actors.health import identity
 from rayrlhf.actors.losses_step import (
     LOSS_ROLES,
     Batch,
@@ -169,6 +170,10 @@ class TrainerRank:
         torch.set_num_threads(
             settings.num_threads or default_threads(model_path, world_size, len(settings.cpus) if settings.cpus else None)
         )
+
+    def identity(self) -> tuple[str, int]:
+        """(node id, pid), for a stack dump from outside should this rank hang."""
+        return identity()
 
     def master_address(self) -> tuple[str, int]:
         """Rank 0's node IP and a free port there, for the other ranks' rendezvous."""

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -33,6 +35,7 @@ from rayrlhf.actors.losses_step import LOSS_ROLES, validate
 from rayrlhf.actors.trainer import ROLES, TrainerRank, TrainerSettings
 from rayrlhf.actors.weights import DEFAULT_BUCKET_BYTES, Region
 from rayrlhf.config import JobConfig, RoleConfig
+from rayrlhf.errors import TrainerFailed
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,8 @@ class TrainerGroup:
         if role not in ROLES:
             raise ValueError(f"unknown trainer role {role!r}; valid roles are {list(ROLES)}")
         self.role, self.num_ranks, self.settings = role, num_ranks, settings
+        self.timeout_s: float | None = None  # set by watch(); None: calls wait as long as they take
+        self.heartbeat_s, self.on_hang, self.idents = 60.0, None, []
         self._stream_rest: list[Any] = []
         self._weight_group_key: tuple[str, ...] | None = None  # the workers the current weight group spans
         self._weight_group_count = 0
@@ -133,18 +138,38 @@ class TrainerGroup:
 
     # ---------------------------------------------------------------- plumbing
 
-    def _wait(self, refs: list[Any]) -> list[Any]:
-        """Results of all ranks; the first rank error is raised at once instead of behind a hung peer."""
-        pending = list(refs)
+    def watch(self, timeout_s: float | None, heartbeat_s: float, on_hang: Callable[[str, list[int]], None] | None = None) -> None:
+        """Bound every call: a rank that has not answered after `timeout_s` is hung (`on_hang(role, ranks)`
+        dumps its stacks), and the call raises TrainerFailed; a log line every `heartbeat_s` while it waits."""
+        self.timeout_s, self.heartbeat_s, self.on_hang = timeout_s, heartbeat_s, on_hang
+        self.idents = ray.get([a.identity.remote() for a in self.actors])
+
+    def _wait(self, refs: list[Any], what: str = "call") -> list[Any]:
+        """Results of all ranks; the first rank error is raised at once instead of behind a hung peer. A rank
+        that died, or did not answer within the watch timeout, raises TrainerFailed."""
+        pending, start = list(refs), time.monotonic()
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            ray.get(done[0])
+            done, pending = ray.wait(pending, num_returns=1, timeout=self.heartbeat_s if self.timeout_s else None)
+            if not done:
+                waited = time.monotonic() - start
+                ranks = [refs.index(r) for r in pending if refs.index(r) < self.num_ranks]
+                if waited >= self.timeout_s:
+                    if self.on_hang is not None:
+                        self.on_hang(self.role, ranks)
+                    raise TrainerFailed(f"{self.role} trainer: rank(s) {ranks} gave no answer to {what} within "
+                                        f"{self.timeout_s:.0f}s (faults.train_timeout_s): hung")
+                log.warning("still waiting on the %s trainer's %s after %.0f s (rank(s) %s)", self.role, what, waited, ranks)
+                continue
+            try:
+                ray.get(done[0])
+            except ray.exceptions.RayActorError as exc:
+                raise TrainerFailed(f"{self.role} trainer: a rank died during {what}: {exc}") from exc
         return ray.get(refs)
 
     def _call(self, method: str, *args: Any, per_rank: list[tuple[Any, ...]] | None = None) -> list[Any]:
         self.finish_weight_stream()
         calls = per_rank or [args] * self.num_ranks
-        return self._wait([getattr(a, method).remote(*c) for a, c in zip(self.actors, calls, strict=True)])
+        return self._wait([getattr(a, method).remote(*c) for a, c in zip(self.actors, calls, strict=True)], method)
 
     def _split(self, batch: Batch) -> list[Batch]:
         """Contiguous equal row shards per rank; every tensor's rows must divide by the rank count."""
@@ -256,6 +281,10 @@ class TrainerGroup:
                 ray.get(ref)
 
     # ---------------------------------------------------------------- collective weight sync
+
+    def reset_weight_group(self) -> None:
+        """Form the broadcast group anew at the next collective sync (a restarted worker keeps its actor id)."""
+        self._weight_group_key = None
 
     def setup_weight_group(self, workers: list[Any], timeout_s: float = 300.0) -> None:
         """Form the broadcast group {rank 0, workers} once; a different worker list forms a new one."""

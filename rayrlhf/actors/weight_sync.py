@@ -32,11 +32,12 @@ BACKENDS = ("object_store", "collective")
 
 def broadcast_weights(
     group: Any, workers: Sequence[Any], version: int, bucket_bytes: int, dtype: str | None,
-    backend: str = "object_store",
+    backend: str = "object_store", timeout_s: float | None = None,
 ) -> int:
     """Push the policy group's full weights into every worker and set their `weight_version`.
 
     Returns the number of buckets streamed ("object_store") or of tensors broadcast ("collective").
+    Each wait on the workers raises ray's GetTimeoutError after `timeout_s` (None: no limit).
     """
     if backend == "collective":
         sent = group.broadcast_weights_collective(list(workers), version, dtype, bucket_bytes)
@@ -45,20 +46,20 @@ def broadcast_weights(
     if backend != "object_store":
         raise ValueError(f"unknown weight sync backend {backend!r}; valid backends are {list(BACKENDS)}")
     _, aliases = group.weight_layout(dtype)
-    ray.get([w.begin_weight_update.remote(aliases) for w in workers])
+    ray.get([w.begin_weight_update.remote(aliases) for w in workers], timeout=timeout_s)
     loads = []
     moved = 0
     for bucket_ref in group.iter_weight_buckets(bucket_bytes, dtype):
         loads += [w.load_weights.remote(bucket_ref) for w in workers]
         moved += 1
     group.finish_weight_stream()
-    ray.get(loads)
-    ray.get([w.finish_weight_update.remote(version) for w in workers])
+    ray.get(loads, timeout=timeout_s)
+    ray.get([w.finish_weight_update.remote(version) for w in workers], timeout=timeout_s)
     log.debug("weight sync v%d: %d bucket(s) to %d worker(s)", version, moved, len(workers))
     return moved
 
 
-def verify_weights(group: Any, workers: Sequence[Any], dtype: str | None) -> None:
+def verify_weights(group: Any, workers: Sequence[Any], dtype: str | None, timeout_s: float | None = None) -> None:
     """Raise WeightSyncError unless every worker holds exactly the trainer's weights.
 
     Each worker reports the checksum of every piece it holds (one per tensor, or one slice per
@@ -69,7 +70,7 @@ def verify_weights(group: Any, workers: Sequence[Any], dtype: str | None) -> Non
     meta, aliases = group.weight_layout(dtype)
     shapes = {name: shape for name, shape, _ in meta}
     shapes.update({alias: shapes[canonical] for alias, canonical in aliases.items()})
-    reports = ray.get([w.checksums.remote(list(shapes)) for w in workers])
+    reports = ray.get([w.checksums.remote(list(shapes)) for w in workers], timeout=timeout_s)
     keys = sorted({key for report in reports for key in report})
     expected = group.checksums(dtype, keys)
     for i, actual in enumerate(reports):

@@ -56,8 +56,9 @@ def evaluate(system: Any, data: PromptDataset, cfg: JobConfig, step: int, eos_id
         rows = [data.rows[where[c.request_id][1]] for c in batch]
         return [row["prompt"] for row in rows], reward_columns(rows)
 
-    scored, _ = stream_rollouts(system.rollout_workers, requests, lambda b: system.score_reward(b, columns(b)),
-                                cfg.rollout.micro_batch_size)
+    rejoin = system.rejoin_worker if cfg.schedule.max_staleness == 0 else None  # async: batches are in flight
+    scored, _ = stream_rollouts(system.pool, requests, lambda b: system.score_reward(b, columns(b)),
+                                cfg.rollout.micro_batch_size, rejoin=rejoin, label=f"the evaluation at step {step}")
     system.reset_prefix_caches()
     out: dict[str, float] = {}
     for mode in _modes(cfg):

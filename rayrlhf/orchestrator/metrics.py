@@ -23,11 +23,20 @@ class MetricsWriter:
     def __init__(self, path: Path, resume_from_step: int | None = None) -> None:
         self.path = path
         if resume_from_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_from_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            self._keep_until(resume_from_step)
         elif resume_from_step is None and path.exists():
             path.unlink()
         self._fh = path.open("a")
+
+    def _keep_until(self, step: int) -> None:
+        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def truncate(self, step: int) -> None:
+        """Drop the rows after `step` (the run went back to the checkpoint of `step`)."""
+        self._fh.close()
+        self._keep_until(step)
+        self._fh = self.path.open("a")
 
     def write(self, row: dict[str, Any]) -> None:
         row = {**row, "time": row.get("time", time.time())}  # wall clock (Unix seconds) when the row was written

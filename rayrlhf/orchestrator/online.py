@@ -15,6 +15,10 @@
         sync      <- (after every launched rollout is done) new weights to every worker, verified
         log       <- one metrics row; a checkpoint when due (with the buffered rollouts)
         launch    <- the rollouts of step + 1 + k, generated while the next steps train
+    faults    <- a trainer rank dead or hung: the trainer groups are rebuilt from the latest checkpoint
+                 and the step is done again; every rollout worker lost: checkpoint and stop
+                 (rollout workers and servers that die or hang are handled where they are called;
+                 see orchestrator/faults.py)
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from rayrlhf.actors.types import Completion, GenerationRequest, SamplingSpec
 from rayrlhf.algorithms import explained_variance, make_kl_controller, masked_mean
 from rayrlhf.config import ConfigError, JobConfig, to_yaml
 from rayrlhf.data.datasets import reward_columns
-from rayrlhf.errors import Preempted
+from rayrlhf.errors import Preempted, TrainerFailed, WorkersLost
 from rayrlhf.models.forward import pack_batch
 from rayrlhf.orchestrator.checkpoint import latest_checkpoint, load_rollouts, load_state, save_checkpoint
 from rayrlhf.orchestrator.evaluation import evaluate
@@ -45,12 +49,14 @@ from rayrlhf.orchestrator.experience import (
     logprob_mismatch,
     shape_scores,
 )
+from rayrlhf.orchestrator.faults import FaultCounters
 from rayrlhf.orchestrator.metrics import MetricsWriter, progress
 from rayrlhf.orchestrator.pipeline import RolloutPipeline, staleness
 from rayrlhf.orchestrator.preflight import Checked, preflight
 from rayrlhf.orchestrator.rollout import stream_rollouts
 from rayrlhf.orchestrator.system import System, old_logprobs_mode
 from rayrlhf.orchestrator.telemetry import Telemetry
+from rayrlhf.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +100,8 @@ class OnlineRL:
         (self.out / "config.yaml").write_text(to_yaml(cfg))
         self.telemetry = Telemetry(cfg)  # before the actors: a missing tensorboard/wandb fails fast
         self.data, self.eval_data = checked.train, checked.eval
-        self.system = System(cfg, checked)
+        self.faults = FaultCounters()
+        self.system = System(cfg, checked, self.faults)
         try:
             self.telemetry.watch_rollout(self.system.rollout_workers)
             self.tokenizer = self.system.tokenizer
@@ -105,6 +112,9 @@ class OnlineRL:
             self.weight_version = 0
             self.first_length: float | None = None  # response length at step 1, for the drift figure
             self.pipeline = RolloutPipeline()
+            self.trainer_failures = 0
+            self._data_before: dict[int, dict[str, int]] = {}  # data position before each launched step's prompts
+            self._initial = (self._state(), rng_state())  # where a rebuild without any checkpoint goes back to
             resume_step = self._restore() if resume else None
             self.metrics = MetricsWriter(self.out / "metrics.jsonl", resume_from_step=resume_step)
         except BaseException:
@@ -120,25 +130,20 @@ class OnlineRL:
         if self.step == 0 and self.eval_data is not None:
             self._log_eval({"step": 0, "weight_version": 0, **self._evaluate()})
         bar = progress(cfg.schedule.steps, self.step, f"{cfg.algorithm.name}")
+        final = self.out / "final"
         try:
             self._launch_rollouts()
-            while self.step < cfg.schedule.steps:
-                row = self.train_step()
-                every, last = cfg.schedule.eval_every, self.step == cfg.schedule.steps
-                if self.eval_data is not None and ((every and self.step % every == 0) or last):
-                    row.update(self._evaluate())
-                self.metrics.write(row)
-                self.telemetry.record(row)
-                self._report(bar, row)
-                due = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
-                preempted = stop.requested and self.step < cfg.schedule.steps
-                if due or preempted:
-                    folder = self.save()
-                    if preempted:
-                        raise Preempted(self.step, str(folder))
+            while True:
+                try:
+                    if self.step == cfg.schedule.steps:
+                        self.system.policy.export_hf(str(final))
+                        break
+                    self._step(stop, bar)
+                except TrainerFailed as exc:
+                    self._rebuild_trainers(exc)
+                except WorkersLost as exc:
+                    self._stop_without_workers(exc)
                 self._launch_rollouts()
-            final = self.out / "final"
-            self.system.policy.export_hf(str(final))
             log.info("final policy written to %s", final)
             return final
         finally:
@@ -149,6 +154,24 @@ class OnlineRL:
             self.metrics.close()
             self.telemetry.close()
 
+    def _step(self, stop: _StopOnSigterm, bar: Any) -> None:
+        """One training step, its evaluation when due, its metrics row, and its checkpoint when due."""
+        cfg = self.cfg
+        row = self.train_step()
+        every, last = cfg.schedule.eval_every, self.step == cfg.schedule.steps
+        if self.eval_data is not None and ((every and self.step % every == 0) or last):
+            row.update(self._evaluate())
+        row.update(self.faults.row())
+        self.metrics.write(row)
+        self.telemetry.record(row)
+        self._report(bar, row)
+        due = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
+        preempted = stop.requested and self.step < cfg.schedule.steps
+        if due or preempted:
+            folder = self.save()
+            if preempted:
+                raise Preempted(self.step, str(folder))
+
     def train_step(self) -> dict[str, Any]:
         cfg, algo = self.cfg, self.cfg.algorithm
         t_step = time.monotonic()
@@ -156,6 +179,7 @@ class OnlineRL:
         stale = cfg.schedule.max_staleness > 0
 
         # 1-2. this step's samples, scored as they streamed in (launched k steps ago, or just now)
+        self._updated = False
         scored, timings, wait_s = self.pipeline.take(self.step)
         rollout_s = timings.gen_end - timings.gen_start
         exp = self._assemble(scored)
@@ -173,6 +197,7 @@ class OnlineRL:
 
         # 4. policy (and critic) updates
         t0 = time.monotonic()
+        self._updated = True
         train_metrics = self._update(exp, adv)
         train_s = time.monotonic() - t0
 
@@ -194,7 +219,9 @@ class OnlineRL:
     def _launch_rollouts(self) -> None:
         """Launch the rollouts of every step up to step + 1 + max_staleness not launched yet."""
         last = min(self.step + 1 + self.cfg.schedule.max_staleness, self.cfg.schedule.steps)
+        on_policy = self.cfg.schedule.max_staleness == 0
         for step in range(max([self.step, *self.pipeline.launched]) + 1, last + 1):
+            self._data_before = {s: v for s, v in self._data_before.items() if s > self.step} | {step: self.data.state_dict()}
             indices = self.data.next_batch(self.cfg.schedule.prompts_per_step)  # here, in step order: resumable
             requests = [self._request(step, k, i) for k, i in enumerate(indices)]
             position = {r.request_id: k for k, r in enumerate(requests)}
@@ -205,8 +232,12 @@ class OnlineRL:
                 return {**self.system.score(batch, self._columns(batch, [indices[p] for p in positions]), trainer_side),
                         "positions": positions}  # each completion's prompt position in the step, for _assemble
 
-            self.pipeline.launch(step, lambda requests=requests, score=score: stream_rollouts(
-                self.system.rollout_workers, requests, score, self.cfg.rollout.micro_batch_size))
+            # On-policy, a restarted worker gets the weights this rollout samples with and serves at once;
+            # asynchronous, the trainers are ahead of those weights: it waits for the next sync.
+            rejoin = self.system.rejoin_worker if on_policy else None
+            self.pipeline.launch(step, lambda requests=requests, score=score, step=step, rejoin=rejoin: stream_rollouts(
+                self.system.pool, requests, score, self.cfg.rollout.micro_batch_size, rejoin=rejoin,
+                label=f"the rollout of step {step}"))
 
     def _request(self, step: int, position: int, index: int) -> GenerationRequest:
         """The sampling request for prompt `index` of step `step`; the seed depends only on (seed, step,
@@ -317,6 +348,7 @@ class OnlineRL:
             "response/length_mean": length,
             "response/length_drift": length / max(self.first_length, 1e-9),
             "response/truncated_frac": float(exp["truncated"].float().mean()),
+            "rollout/samples": len(exp["versions"]),
             "rollout/backend": self.cfg.rollout.backend,
             "rollout/min_weight_version": min(exp["versions"]),
             **staleness(self.step, exp["versions"]),
@@ -357,8 +389,8 @@ class OnlineRL:
                      f" eval reward {row['eval/reward_mean']:.4f}" if "eval/reward_mean" in row else "")
 
     # ---------------------------------------------------------------------------- checkpoints
-    def save(self) -> Path:
-        state = {
+    def _state(self) -> dict[str, Any]:
+        return {
             "step": self.step,
             "weight_version": self.weight_version,
             "data": self.data.state_dict(),
@@ -366,11 +398,54 @@ class OnlineRL:
             "reward_moments": self.moments.state_dict(),
             "first_length": self.first_length,
             "max_staleness": self.cfg.schedule.max_staleness,
+            "faults": self.faults.state_dict(),
         }
+
+    def save(self, data_state: dict[str, int] | None = None, rollouts: dict[int, Any] | None = None) -> Path:
+        """A checkpoint of this step boundary (`data_state`/`rollouts`: the data position and buffered batches
+        to record instead of the current ones, when the launched batches are thrown away)."""
+        state = self._state()
+        if data_state is not None:
+            state["data"] = data_state
         return save_checkpoint(  # at a step boundary: every launched rollout finished before the sync
             self.out / "checkpoints", self.step, state, self.system.save_trainers, self.cfg.checkpoint.keep_last,
-            self.pipeline.state_dict(),
+            self.pipeline.state_dict() if rollouts is None else rollouts,
         )
+
+    # ------------------------------------------------------------------------------ faults
+    def _rebuild_trainers(self, exc: TrainerFailed) -> None:
+        """A rank died or hung: rebuild the trainer groups, go back to the latest checkpoint (or the start)."""
+        self.trainer_failures += 1
+        limit = self.cfg.faults.trainer_restarts
+        if self.trainer_failures > limit:
+            raise TrainerFailed(f"{exc} -- the trainer groups were already rebuilt {limit} time(s) (faults.trainer_restarts)") from exc
+        self.faults.add("trainer_restarts")
+        folder = latest_checkpoint(self.out / "checkpoints")
+        log.error("%s; rebuilding the trainer groups from %s (rebuild %d of at most %d)", exc,
+                  folder or "the initial weights (no checkpoint yet)", self.trainer_failures, limit)
+        self.pipeline.discard()  # batches in flight belong to the abandoned timeline
+        self.system.restart_trainers()
+        if folder is None:
+            state, rng = self._initial
+            set_rng_state(rng)
+            self._apply(state, {}, None)
+        else:
+            self._apply(load_state(folder), load_rollouts(folder), folder)
+        self.metrics.truncate(self.step)
+        log.warning("trainer groups rebuilt; continuing from step %d", self.step)
+
+    def _stop_without_workers(self, exc: WorkersLost) -> None:
+        """No rollout worker is left: checkpoint the last step boundary when it is intact, and stop."""
+        folder = None
+        if not self._updated:  # the step failed before its update: the trainers are as the previous step left them
+            failed = self.step
+            self.step -= 1
+            self.pipeline.discard()
+            folder = self.save(data_state=self._data_before[failed], rollouts={})
+        else:
+            folder = latest_checkpoint(self.out / "checkpoints")
+        where = f"checkpoint {folder}; continue with --resume" if folder else "no checkpoint to resume from"
+        raise WorkersLost(f"{exc}. Stopping: {where} once rollout workers can start again") from exc
 
     def _restore(self) -> int | None:
         folder = latest_checkpoint(self.out / "checkpoints")
@@ -384,14 +459,20 @@ class OnlineRL:
                 f"schedule.max_staleness={self.cfg.schedule.max_staleness}, but {folder} was saved with {saved_k}: its "
                 "buffered rollouts and data position belong to that setting; resume with the same value"
             )
+        self.faults.load_state_dict(state.get("faults", {}))
+        self._apply(state, load_rollouts(folder), folder)
+        log.info("resumed from %s (step %d)", folder, self.step)
+        return self.step
+
+    def _apply(self, state: dict[str, Any], rollouts: dict[int, Any], folder: Path | None) -> None:
+        """Take the run back to `state` (trainers from `folder`, else as freshly built) and sync the workers."""
         self.step = int(state["step"])
         self.weight_version = int(state["weight_version"])
         self.data.load_state_dict(state["data"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.moments.load_state_dict(state["reward_moments"])
         self.first_length = state["first_length"]
-        self.pipeline.load_state_dict(load_rollouts(folder))
-        self.system.load_trainers(folder)
+        self.pipeline.load_state_dict(rollouts)
+        if folder is not None:
+            self.system.load_trainers(folder)
         self.system.sync_weights(self.weight_version, verify=True)
-        log.info("resumed from %s (step %d)", folder, self.step)
-        return self.step

@@ -64,6 +64,15 @@ class RolloutPipeline:
     def launched(self) -> list[int]:
         return sorted(self._batches)
 
+    def discard(self) -> None:
+        """Wait for the batches in flight to end (their errors included) and forget every batch."""
+        for future in self._batches.values():
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001 - these samples are thrown away anyway
+                pass
+        self._batches.clear()
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 

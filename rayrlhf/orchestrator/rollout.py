@@ -9,6 +9,7 @@ scoring task records its start and end on the driver's clock, which is how
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -21,6 +22,8 @@ from typing import Any
 import ray
 
 from rayrlhf.actors.types import Completion, GenerationRequest
+from rayrlhf.errors import WorkersLost
+from rayrlhf.orchestrator.faults import Heartbeat, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +68,23 @@ def collect(worker: Any, requests: Sequence[GenerationRequest]) -> list[Completi
     return [c for ref in worker.generate.options(num_returns="streaming").remote(list(requests)) for c in ray.get(ref)]
 
 
-def _drain(generator: Any, sink: queue.Queue) -> None:
-    """Move one worker's streamed lists of completions into `sink`; errors travel too, and end the rollout."""
+def _drain(generator: Any, stream: int, sink: queue.Queue) -> None:
+    """Move one worker stream's lists of completions into `sink`, tagged with the stream; errors travel too."""
     try:
         for ref in generator:
-            sink.put(ray.get(ref))
-    except Exception as exc:  # noqa: BLE001 - re-raised on the driver thread
-        sink.put(exc)
+            sink.put((stream, ray.get(ref)))
+    except Exception as exc:  # noqa: BLE001 - handled on the driver thread
+        sink.put((stream, exc))
     finally:
-        sink.put(_DONE)
+        sink.put((stream, _DONE))
+
+
+@dataclass
+class _Stream:
+    """One `generate` call in flight: its worker and the ids of the requests it carries."""
+
+    worker: int
+    request_ids: list[str]
 
 
 def _split(items: list, n: int) -> list[list]:
@@ -88,62 +99,146 @@ def _split(items: list, n: int) -> list[list]:
 
 
 def stream_rollouts(
-    workers: Sequence[Any],
+    pool: WorkerPool,
     requests: Sequence[GenerationRequest],
     score: Callable[[list[Completion]], Any],
     micro_batch_size: int,
     scoring_threads: int = 2,
+    rejoin: Callable[[int], None] | None = None,
+    label: str = "the rollout",
 ) -> tuple[list[tuple[list[Completion], Any]], RolloutTimings]:
-    """Generate all `requests` on `workers`; call `score` on the finished samples as soon as at least
-    `micro_batch_size` of them are waiting.
+    """Generate all `requests` on the pool's workers; call `score` on the finished samples as soon as
+    at least `micro_batch_size` of them are waiting.
 
     What has arrived is scored together (split over the scoring threads): samples that finish
     one by one are scored in micro-batches while generation goes on, and a burst of samples that
     finish together costs a few scoring calls, not one per micro-batch. Returns (completions,
     score result) per scored batch, in the order they were scored, and the phase timings.
-    Nothing is dropped: every sample that was asked for comes back, or the first worker error
-    is raised.
+
+    Nothing is lost or duplicated: when a worker dies, hangs (no sample for the pool's hang
+    timeout) or its engine fails, the samples it still owed are asked of the workers in service,
+    under the same request ids and seeds, and each (request, sample index) is kept once.
+    `rejoin(i)` (on-policy: push the current weights into restarted worker i and verify them)
+    lets restarted workers serve again mid-rollout; without it they wait for the next weight
+    sync. A request the engine rejects (e.g. too long a prompt) fails the rollout.
     """
     timings = RolloutTimings(gen_start=time.monotonic())
+    by_id = {r.request_id: r for r in requests}
+    got: dict[str, set[int]] = {rid: set() for rid in by_id}
     expected = sum(r.sampling.n for r in requests)
-    loads = ray.get([w.load.remote() for w in workers])
     sink: queue.Queue = queue.Queue()
-    threads = []
-    for worker, assigned in zip(workers, assign_least_loaded(requests, loads), strict=True):
-        if assigned:
-            gen = worker.generate.options(num_returns="streaming").remote(list(assigned))
-            thread = threading.Thread(target=_drain, args=(gen, sink), daemon=True)
-            thread.start()
-            threads.append(thread)
+    streams: dict[int, _Stream] = {}
+    last_sample: dict[int, float] = {}  # worker -> when it last returned a sample (or was given work)
+    counter = itertools.count()
+
+    def owed(rids: Sequence[str]) -> int:
+        return sum(by_id[r].sampling.n - len(got[r]) for r in rids)
+
+    def dispatch(todo: Sequence[GenerationRequest]) -> None:
+        if not pool.live:
+            wait_for_a_worker()
+        live = list(pool.live)
+        loads = {i: 0 for i in live}
+        for s in streams.values():
+            if s.worker in loads:
+                loads[s.worker] += owed(s.request_ids)
+        for i, assigned in zip(live, assign_least_loaded(todo, [loads[i] for i in live]), strict=True):
+            if assigned:
+                sid = next(counter)
+                if not any(s.worker == i for s in streams.values()):
+                    last_sample[i] = time.monotonic()
+                streams[sid] = _Stream(i, [r.request_id for r in assigned])
+                gen = pool.workers[i].generate.options(num_returns="streaming").remote(list(assigned))
+                threading.Thread(target=_drain, args=(gen, sid, sink), daemon=True).start()
+
+    def fail(i: int, reason: str, kill: bool, hung: bool = False) -> None:
+        """Worker i is out: re-send what it still owed to the workers in service."""
+        rids = [r for sid in [k for k, s in streams.items() if s.worker == i] for r in streams.pop(sid).request_ids]
+        pool.fail(i, reason, kill=kill, hung=hung)
+        todo = [by_id[r] for r in rids if len(got[r]) < by_id[r].sampling.n]
+        if todo:
+            pool.counters.add("redispatched_samples", owed([r.request_id for r in todo]))
+            log.warning("%s: %d sample(s) of %d request(s) re-sent after %s failed", label, owed(rids), len(todo),
+                        pool.names[i])
+            dispatch(todo)
+
+    def readmit(timeout_s: float = 0.0) -> None:
+        if rejoin is not None:
+            for i in pool.back(timeout_s):
+                rejoin(i)
+
+    def wait_for_a_worker() -> None:
+        """Every worker is down: (on-policy) wait for a restarted one and bring it up to date, within the bound."""
+        if rejoin is not None:
+            readmit(pool.restart_timeout_s)
+        if not pool.live:
+            raise WorkersLost(
+                f"{label}: no rollout worker is left in service (lost for good: {sorted(pool.lost)}, still restarting: "
+                f"{pool.restarting}) and none came back within faults.restart_timeout_s={pool.restart_timeout_s:.0f}s"
+                + ("" if rejoin is not None else "; in asynchronous mode restarted workers rejoin only at a weight sync")
+            )
+
+    def status() -> str:
+        done = expected - owed(list(by_id))
+        owing = {pool.names[s.worker]: 0 for s in streams.values()}
+        for s in streams.values():
+            owing[pool.names[s.worker]] += owed(s.request_ids)
+        now = time.monotonic()
+        return f"{done}/{expected} samples; owed by " + ", ".join(
+            f"{name} {n} (last sample {now - last_sample.get(pool.names.index(name), now):.0f}s ago)" for name, n in owing.items())
 
     def timed(batch: list[Completion]) -> tuple[list[Completion], Any, tuple[float, float]]:
         start = time.monotonic()
         result = score(batch)
         return batch, result, (start, time.monotonic())
 
+    dispatch(list(requests))
+    heartbeat = Heartbeat(pool.heartbeat_s, label)
     futures: list[Future] = []
     received = 0
     pending: list[Completion] = []
-    with ThreadPoolExecutor(max_workers=scoring_threads, thread_name_prefix="score") as pool:
-        live = len(threads)
-        while live:
-            item = sink.get()
+    with ThreadPoolExecutor(max_workers=scoring_threads, thread_name_prefix="score") as executor:
+        while received < expected:
+            try:
+                sid, item = sink.get(timeout=1.0)
+            except queue.Empty:
+                now = time.monotonic()
+                for i in sorted({s.worker for s in streams.values()}):
+                    if now - last_sample[i] > pool.hang_timeout_s and i in pool.live:
+                        fail(i, f"no sample for {now - last_sample[i]:.0f}s (faults.generation_timeout_s)", kill=True, hung=True)
+                readmit()
+                heartbeat.beat(status)
+                continue
+            stream = streams.get(sid)
+            if stream is None:  # a stream given up on after its worker failed
+                continue
             if item is _DONE:
-                live -= 1
+                if owed(stream.request_ids):  # ended without its samples and without an error
+                    fail(stream.worker, "its generate call ended early", kill=True)
+                else:
+                    del streams[sid]
                 continue
             if isinstance(item, Exception):
-                raise RuntimeError(f"a rollout worker failed: {item}") from item
-            received += len(item)
-            pending.extend(item)
+                if isinstance(item, ValueError):  # the engine rejected a request: the input is wrong
+                    raise RuntimeError(f"a rollout worker failed: {item}") from item
+                dead = isinstance(item, ray.exceptions.RayActorError)
+                fail(stream.worker, f"{'the actor died' if dead else 'the engine failed'}: {item!r}"[:500], kill=not dead)
+                continue
+            last_sample[stream.worker] = time.monotonic()
+            fresh = []
+            for c in item:
+                if c.sample_index not in got[c.request_id]:  # a re-sent request's samples that had come back are dropped
+                    got[c.request_id].add(c.sample_index)
+                    fresh.append(c)
+            received += len(fresh)
+            pending.extend(fresh)
             if len(pending) >= micro_batch_size:
                 chunks = max(1, min(scoring_threads, len(pending) // micro_batch_size))
-                futures += [pool.submit(timed, list(chunk)) for chunk in _split(pending, chunks)]
+                futures += [executor.submit(timed, list(chunk)) for chunk in _split(pending, chunks)]
                 pending = []
         timings.gen_end = time.monotonic()
         if pending:
-            futures.append(pool.submit(timed, pending))
+            futures.append(executor.submit(timed, pending))
         results = [f.result() for f in futures]
-    if received != expected:
-        raise RuntimeError(f"rollout returned {received} of {expected} samples")
     timings.score_intervals = [interval for _, _, interval in results]
     return [(batch, result) for batch, result, _ in results], timings

@@ -63,7 +63,7 @@ def metric_names() -> list[str]:
     """The names this module registers (before Ray's `ray_` prefix and the counters' `_total`)."""
     names = [PREFIX + n for n in ROW_GAUGES]
     names += [PREFIX + n for n in ("phase_seconds", "rollout_in_flight", OTHER_GAUGE)]
-    names += [PREFIX + n for n in ("steps", "samples", "generated_tokens", "reward_failed")]
+    names += [PREFIX + n for n in ("steps", "samples", "generated_tokens", "reward_failed", "faults")]
     return names
 
 
@@ -95,6 +95,9 @@ class _RayMetrics:
         self.samples = Counter(PREFIX + "samples", description="Samples generated and scored.", tag_keys=keys)
         self.tokens = Counter(PREFIX + "generated_tokens", description="Response tokens generated.", tag_keys=keys)
         self.failed = Counter(PREFIX + "reward_failed", description="Samples the reward could not score.", tag_keys=keys)
+        self.faults = Counter(PREFIX + "faults", description="Fault events (restarts, re-sent samples, hangs, dumps), by kind.",
+                              tag_keys=(*keys, "kind"))
+        self._faults_seen: dict[str, float] = {}  # the rows carry running totals; the counter gets the increments
         self.known = {key for key, _ in ROW_GAUGES.values()} | set(PHASES.values())
 
     def record(self, row: dict[str, Any], samples: int) -> None:
@@ -110,6 +113,14 @@ class _RayMetrics:
             value = _finite(raw)
             if key not in self.known and value is not None:
                 self.other.set(value, tags={**self.tags, "key": key})
+        for key, raw in row.items():
+            value = _finite(raw)
+            if key.startswith("faults/") and value is not None:
+                kind = key.removeprefix("faults/")
+                delta = value - self._faults_seen.get(kind, 0.0)
+                self._faults_seen[kind] = value
+                if delta > 0:
+                    self.faults.inc(delta, tags={**self.tags, "kind": kind})
         if "reward/mean" not in row:  # an evaluation-only row (step 0): no training step to count
             return
         self.steps.inc(1, tags=self.tags)
