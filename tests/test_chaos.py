@@ -7,6 +7,8 @@
    dumped, and every event is counted in metrics.jsonl.
 2. Asynchronous GRPO (max_staleness 1) on a 2-rank policy: a rank's process is killed after the
    step-2 checkpoint. The trainer groups are rebuilt from it and the run equals an uninterrupted one.
+3. The only rollout worker, with no restarts allowed, is killed mid-rollout: the job checkpoints the
+   last finished step and stops; resumed, it equals an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -24,28 +26,56 @@ import pytest
 import ray
 from jobs import train
 
+from rayrlhf.errors import WorkersLost
 from rayrlhf.orchestrator.metrics import read_metrics
 
-SLOW_REWARD = '''
+REWARD = '''
 import time
 from pathlib import Path
 
 from rayrlhf.rewards.tasks import alphabet_reward
 
 BUSY = Path(__file__).with_suffix(".busy")
+PAUSE = Path(__file__).with_suffix(".pause")
 
 def reward(prompts, responses, **columns):
-    BUSY.write_text("scoring")  # the chaos schedule kills the server while this file exists
+    while PAUSE.exists():  # the chaos schedule holds the job here until a restarted worker is up
+        time.sleep(0.05)
+    BUSY.write_text("scoring")  # and kills the server while this file exists
     try:
-        time.sleep(0.3)
+        time.sleep(SECONDS)
         return alphabet_reward(prompts, responses, **columns)
     finally:
         BUSY.unlink(missing_ok=True)
 '''
 
 
+def _reward(tmp_path: Path, seconds: float) -> Path:
+    path = tmp_path / "chaos_reward.py"
+    path.write_text(REWARD.replace("SECONDS", str(seconds)))
+    return path
+
+
 def _pid(name: str) -> int:
     return int(ray.get(ray.get_actor(name).identity.remote(), timeout=120)[1])
+
+
+def _hold_until_restarted(chaos: Chaos, name: str, old_pid: int) -> None:
+    """Pause the job (its reward calls wait) until actor `name` answers from a new process."""
+    pause = chaos.out.parent / "chaos_reward.pause"
+    pause.write_text("hold")
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if _pid(name) != old_pid:
+                    return
+            except ray.exceptions.ActorUnavailableError:
+                pass
+            assert time.monotonic() < deadline, f"{name} did not restart within 300 s"
+            time.sleep(0.2)
+    finally:
+        pause.unlink()
 
 
 def _stall_engine(worker: object) -> None:
@@ -98,51 +128,53 @@ def _worker_faults(chaos: Chaos) -> None:
             os.kill(pid, signal.SIGKILL)
             chaos.injected.append("kill rollout-0")
             break
-    # 2. once rollout-0 serves again: rollout-1's engine hangs at a step boundary
-    chaos.wait(lambda: any(r.get("faults/worker_restarts", 0) >= 1 for r in chaos.rows()), "rollout-0 back in service")
+    # 2. at the next step boundary, rollout-1's engine hangs: when that is found, rollout-0 may still be restarting,
+    #    and the step waits for it (no worker is in service), brings it up to date and goes on
     steps = len(chaos.rows())
     chaos.wait(lambda: len(chaos.rows()) > steps, "the next step boundary")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hook travels by value, not by module name
+    stalled = _pid("rollout-1")
     ray.get(ray.get_actor("rollout-1").__ray_call__.remote(_stall_engine))
     chaos.injected.append("hang rollout-1")
     # 3. once the hang was found: the reward server's process, killed while it scores
     chaos.wait(lambda: any(r.get("faults/hangs", 0) >= 1 for r in chaos.rows()), "the hang found")
     pid = _pid("reward-0")
-    busy = chaos.out.parent / "slow_reward.busy"
+    busy = chaos.out.parent / "chaos_reward.busy"
     chaos.wait(busy.exists, "a reward call in flight")
     os.kill(pid, signal.SIGKILL)
     chaos.injected.append("kill reward-0")
-    chaos.wait(lambda: any(r.get("faults/worker_restarts", 0) >= 2 for r in chaos.rows()), "rollout-1 back in service")
+    _hold_until_restarted(chaos, "rollout-1", stalled)
+    chaos.wait(lambda: any(r.get("faults/worker_restarts", 0) >= 2 for r in chaos.rows()), "both workers back in service")
 
 
 def test_rollout_workers_and_reward_server_survive_kills_and_a_hang(ray_local: None, tmp_path: Path) -> None:
-    reward = tmp_path / "slow_reward.py"
-    reward.write_text(SLOW_REWARD)
+    reward = _reward(tmp_path, 0.3)
     chaos = Chaos(tmp_path / "chaos", _worker_faults)
     chaos.start()
     try:
         rows = train(
             "cluster_configs/local-cpu/grpo.yaml", tmp_path, "chaos", "model.policy=tiny:qwen2",
             f"reward.function={reward}:reward", "rollout.backend=vllm", "rollout.num_workers=2", "rollout.num_cpus=0.5",
-            "rollout.max_new_tokens=24", "rollout.min_new_tokens=16", "schedule.steps=60", "schedule.prompts_per_step=8",
+            "rollout.max_new_tokens=24", "rollout.min_new_tokens=16", "schedule.steps=12", "schedule.prompts_per_step=8",
             "algorithm.group_size=4", "rollout.micro_batch_size=8", "data.eval=null", "checkpoint.every=0",
             "faults.generation_timeout_s=20", "faults.generation_timeout_per_token_s=0", "faults.heartbeat_s=3",
+            "reward.timeout_s=400",
         )
     finally:
         chaos.stopped.set()
         chaos.join(timeout=60)
     assert chaos.error is None, repr(chaos.error)
     assert chaos.injected == ["kill rollout-0", "hang rollout-1", "kill reward-0"]
-    assert [r["step"] for r in rows] == list(range(1, 61))
+    assert [r["step"] for r in rows] == list(range(1, 13))
     assert all(r["rollout/samples"] == 32 and r["reward/failed"] == 0 for r in rows)  # every sample, once
     last = rows[-1]
     assert last["faults/worker_failures"] == 2 and last["faults/worker_restarts"] == 2
     assert last["faults/redispatched_samples"] > 0  # the killed and the hung worker owed samples
     assert last["faults/hangs"] == 1 and last["faults/hang_dumps"] == 1 and last["faults/server_restarts"] >= 1
-    assert last["weight_version"] == 60
+    assert last["weight_version"] == 12
     [dump] = (tmp_path / "chaos" / "faults").glob("hang-rollout-1-*.txt")
     assert "hold" in dump.read_text()  # the stuck thread's frame is in the dump
-    assert last["reward/mean"] > rows[0]["reward/mean"]  # and it still learns
+    assert sum(r["reward/mean"] for r in rows[-3:]) > sum(r["reward/mean"] for r in rows[:3])  # and it still learns
 
 
 def _kill_policy_rank(chaos: Chaos) -> None:
@@ -178,3 +210,73 @@ def test_a_killed_trainer_rank_is_rebuilt_from_the_checkpoint_and_the_run_is_unc
     for a, b in zip(straight, rows, strict=True):
         for key in COMPARED:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+def _kill_the_only_worker(chaos: Chaos) -> None:
+    chaos.wait(lambda: len(chaos.rows()) >= 2, "two steps")
+    worker, pid = ray.get_actor("rollout-0"), _pid("rollout-0")
+    chaos.wait(lambda: ray.get(worker.load.remote()) > 0, "samples in flight on rollout-0")
+    os.kill(pid, signal.SIGKILL)
+    chaos.injected.append("kill rollout-0")
+
+
+LOSE = ("rollout.max_new_tokens=24", "rollout.min_new_tokens=16", "schedule.steps=4", "checkpoint.every=0",
+        "schedule.prompts_per_step=8", "data.eval=null", "faults.restart_timeout_s=30")
+
+
+def test_with_every_worker_lost_the_job_checkpoints_the_last_step_and_resume_finishes_the_run(
+    ray_local: None, tmp_path: Path
+) -> None:
+    """One worker, no restarts allowed: killed in step 3's rollout. The job writes the step-2 checkpoint (step 3's
+    prompts given back to the data) and stops naming it; resumed, it equals a run that was never interrupted."""
+    straight = train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "straight", *LOSE)
+    chaos = Chaos(tmp_path / "lost", _kill_the_only_worker)
+    chaos.start()
+    try:
+        with pytest.raises(WorkersLost, match=r"no rollout worker is left.*checkpoint .*step_2; continue with --resume"):
+            train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "lost", *LOSE, "faults.max_restarts=0")
+    finally:
+        chaos.stopped.set()
+        chaos.join(timeout=60)
+    assert chaos.error is None and chaos.injected == ["kill rollout-0"], repr(chaos.error)
+    assert (tmp_path / "lost/checkpoints/latest").read_text().strip() == "step_2"
+    resumed = train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "lost", *LOSE, resume=True)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert resumed[-1]["faults/worker_failures"] == 1  # the count survived the resume
+    for a, b in zip(straight, resumed, strict=True):
+        for key in ("reward/mean", "kl/mean", "response/length_mean", "policy/loss", "data/epoch"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+def _kill_a_worker_then_wait_for_it(chaos: Chaos) -> None:
+    chaos.wait(lambda: len(chaos.rows()) >= 1, "a first step")
+    worker, pid = ray.get_actor("rollout-1"), _pid("rollout-1")
+    chaos.wait(lambda: ray.get(worker.load.remote()) > 0, "samples in flight on rollout-1")
+    os.kill(pid, signal.SIGKILL)
+    chaos.injected.append("kill rollout-1")
+    _hold_until_restarted(chaos, "rollout-1", pid)
+    chaos.wait(lambda: any(r.get("faults/worker_restarts", 0) >= 1 for r in chaos.rows()), "rollout-1 back in service")
+
+
+def test_asynchronous_mode_re_sends_a_dead_workers_samples_and_takes_it_back_at_a_sync(
+    ray_local: None, tmp_path: Path
+) -> None:
+    """max_staleness 2, 2 workers: a worker killed mid-rollout; its samples go to the other one while batches are
+    in flight, and the restarted worker serves again from a weight sync on (the trainers are ahead of the batch)."""
+    chaos = Chaos(tmp_path / "async", _kill_a_worker_then_wait_for_it)
+    chaos.start()
+    try:
+        rows = train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "async", "schedule.max_staleness=2",
+                     f"reward.function={_reward(tmp_path, 0.0)}:reward", "reward.timeout_s=400",
+                     "rollout.num_workers=2", "rollout.num_cpus=0.5", "rollout.max_new_tokens=24",
+                     "rollout.min_new_tokens=16", "schedule.steps=12", "schedule.prompts_per_step=8",
+                     "checkpoint.every=0", "data.eval=null")
+    finally:
+        chaos.stopped.set()
+        chaos.join(timeout=60)
+    assert chaos.error is None and chaos.injected == ["kill rollout-1"], repr(chaos.error)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert all(r["rollout/samples"] == 32 for r in rows)
+    last = rows[-1]
+    assert last["faults/worker_failures"] == 1 and last["faults/worker_restarts"] == 1
+    assert last["faults/redispatched_samples"] > 0
