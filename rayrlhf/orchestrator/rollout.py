@@ -157,10 +157,10 @@ def stream_rollouts(
         pool.fail(i, reason, kill=kill, hung=hung)
         todo = [by_id[r] for r in rids if len(got[r]) < by_id[r].sampling.n]
         if todo:
+            dispatch(todo)  # may first wait for a restarted worker (or raise WorkersLost)
             pool.counters.add("redispatched_samples", owed([r.request_id for r in todo]))
             log.warning("%s: %d sample(s) of %d request(s) re-sent after %s failed", label, owed(rids), len(todo),
                         pool.names[i])
-            dispatch(todo)
 
     def readmit(timeout_s: float = 0.0) -> None:
         if rejoin is not None:
@@ -197,17 +197,20 @@ def stream_rollouts(
     futures: list[Future] = []
     received = 0
     pending: list[Completion] = []
+    last_check = time.monotonic()
     with ThreadPoolExecutor(max_workers=scoring_threads, thread_name_prefix="score") as executor:
         while received < expected:
-            try:
-                sid, item = sink.get(timeout=1.0)
-            except queue.Empty:
-                now = time.monotonic()
+            now = time.monotonic()
+            if now - last_check >= 1.0:  # once a second, even while other workers keep delivering
+                last_check = now
                 for i in sorted({s.worker for s in streams.values()}):
                     if now - last_sample[i] > pool.hang_timeout_s and i in pool.live:
                         fail(i, f"no sample for {now - last_sample[i]:.0f}s (faults.generation_timeout_s)", kill=True, hung=True)
                 readmit()
                 heartbeat.beat(status)
+            try:
+                sid, item = sink.get(timeout=1.0)
+            except queue.Empty:
                 continue
             stream = streams.get(sid)
             if stream is None:  # a stream given up on after its worker failed

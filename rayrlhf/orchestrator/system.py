@@ -246,7 +246,11 @@ class System:
 
     def reset_prefix_caches(self) -> None:
         """Drop cached prompt KV in every engine, e.g. after evaluation, so training steps see the same engines."""
-        ray.get([w.reset_prefix_cache.remote() for w in self.pool.in_service()])
+        refs = [w.reset_prefix_cache.remote() for w in self.pool.in_service()]
+        try:
+            ray.get(refs, timeout=self.cfg.faults.sync_timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:  # the next rollout handles the worker
+            log.warning("resetting the prefix caches failed on a worker (%r); the next rollout will find it", exc)
 
     # -------------------------------------------------------------------------- weight sync
     def sync_weights(self, version: int, verify: bool, only: list[int] | None = None) -> None:
@@ -276,6 +280,8 @@ class System:
                     targets = [i for i in targets if i not in bad]
                     joining = [i for i in joining if i not in bad]
             if not targets:
+                if only is not None:  # the worker that was rejoining failed again; it is restarting once more
+                    return
                 raise WorkersLost(f"no rollout worker is left to receive weight version {version} (lost for good: "
                                   f"{sorted(pool.lost)}, still restarting: {pool.restarting})")
             for i in joining:
