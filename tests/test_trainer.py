@@ -302,3 +302,27 @@ def test_reward_model_learns_a_separable_preference(tiny_model: Path, ray_local:
         assert steps[0]["grad_norm"] > 0
     finally:
         reward.shutdown()
+
+
+def test_a_rank_that_stops_answering_is_declared_hung_and_its_stacks_dumped(policy3: TrainerGroup, tmp_path: Path) -> None:
+    """Last of the module's policy3 tests: rank 1 is kept busy (a test hook sleeps inside it) while the group
+    is asked for its checksums; past the watch timeout the call raises TrainerFailed naming rank 1, and the hang
+    hook dumps that rank's stacks with py-spy from outside the process."""
+    from rayrlhf.errors import TrainerFailed
+    from rayrlhf.orchestrator.faults import FaultCounters, dump_hang
+
+    counters, dumps = FaultCounters(), []
+
+    def on_hang(role: str, ranks: list[int]) -> None:
+        dumps.extend(dump_hang(f"{role}-{r}", tuple(policy3.idents[r]), tmp_path, counters) for r in ranks)
+
+    policy3.watch(timeout_s=3.0, heartbeat_s=1.0, on_hang=on_hang)
+    try:
+        stall = policy3.actors[1].__ray_call__.remote(lambda rank: __import__("time").sleep(15))
+        with pytest.raises(TrainerFailed, match=r"rank\(s\) \[1\] gave no answer to checksums within 3s"):
+            policy3.checksums()
+        [path] = dumps
+        assert counters.hang_dumps == 1 and "<lambda>" in path.read_text()  # the frame rank 1 is stuck in
+        ray.get(stall)
+    finally:
+        policy3.watch(None, 60.0)

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from rayrlhf.config import load_config, to_yaml
-from rayrlhf.errors import InvalidInput, Preempted
+from rayrlhf.errors import InvalidInput, Preempted, WorkersLost
 
 log = logging.getLogger("rayrlhf")
 
@@ -123,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Preempted as exc:
         sys.stderr.write(f"rayrlhf: {exc}\n")
         return EXIT_PREEMPTED
+    except WorkersLost as exc:  # the message names the checkpoint to resume from; a traceback adds nothing
+        sys.stderr.write(f"rayrlhf: {exc}\n")
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         sys.stderr.write("rayrlhf: interrupted\n")
         return EXIT_FAILURE

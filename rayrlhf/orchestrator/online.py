@@ -124,7 +124,9 @@ class OnlineRL:
     # ----------------------------------------------------------------------------------- loop
     def run(self) -> Path:
         """Train to schedule.steps and export `final/`. SIGTERM (preemption, `ray job stop`) stops the job at
-        the end of the current step, after a checkpoint: `Preempted` is raised, and --resume continues exactly."""
+        the end of the current step, after a checkpoint: `Preempted` is raised, and --resume continues exactly.
+        A dead or hung trainer rank rebuilds the trainer groups from the latest checkpoint (TrainerFailed); no
+        rollout worker left ends the job after a checkpoint when the step boundary is intact (WorkersLost)."""
         cfg = self.cfg
         stop = _StopOnSigterm()
         if self.step == 0 and self.eval_data is not None:
