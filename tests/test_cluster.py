@@ -130,7 +130,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
             with log_path.open("w") as log_fh:
                 procs.append(subprocess.Popen(cmd, env=env, stdout=log_fh, stderr=subprocess.STDOUT, start_new_session=True))
             dashboard = f"http://127.0.0.1:{dash}"
-            if _wait_for_head(procs[-1], f"{dashboard}/api/jobs/", auth, log_path) and _ours(env_agent, auth):
+            if _wait_for_head(procs[-1], f"{dashboard}/api/jobs/", auth, log_path):
                 break
             _stop_session(procs[-1])
         else:
@@ -155,20 +155,6 @@ def _wait_for_head(proc: subprocess.Popen, probe: str, auth: dict[str, str], log
         if time.monotonic() > deadline:
             raise RuntimeError(f"the Ray head did not come up in 180 s:\n{log_path.read_text()[-3000:]}")
         time.sleep(1)
-    return False
-
-
-def _ours(port: int, auth: dict[str, str], timeout_s: float = 60.0) -> bool:
-    """Whether the runtime-env agent on `port` accepts this head's token. A free port picked before
-    `ray start` can be taken meanwhile by a process of another Ray (the session's local one starts
-    workers on random ports); the head then comes up, but its raylet reaches the other cluster's
-    agent, which refuses the token (403) and every job's runtime env fails."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            return _get(f"http://127.0.0.1:{port}/", auth)[0] != 403
-        except OSError:  # not listening yet
-            time.sleep(1)
     return False
 
 
