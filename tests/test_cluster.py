@@ -117,13 +117,16 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
         # A free port can be taken by another process before Ray binds it; then `ray start` exits
         # and the head is started again on new ports.
         for attempt in range(3):
-            gcs, dash, metrics, client, agent, agent_grpc, env_agent, node_mgr, obj_mgr = _free_ports(9)
+            # The runtime-env agent binds a port of its own choosing (0): a port picked here could be taken, before
+            # `ray start` binds it, by another Ray's worker; the head would then come up talking to that Ray's agent,
+            # which refuses this head's token (403) and fails every job's runtime env.
+            gcs, dash, metrics, client, agent, agent_grpc, node_mgr, obj_mgr = _free_ports(8)
             cmd = [
                 str(BIN / "ray"), "start", "--head", "--block", f"--temp-dir={temp_dir}", "--num-cpus=8",
                 f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
                 f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
                 f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-                f"--runtime-env-agent-port={env_agent}", f"--node-manager-port={node_mgr}",
+                "--runtime-env-agent-port=0", f"--node-manager-port={node_mgr}",
                 f"--object-manager-port={obj_mgr}", "--min-worker-port=0", "--max-worker-port=0",
             ]
             log_path = temp_dir / f"head-{attempt}.log"
