@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import ray
@@ -28,6 +29,8 @@ from jobs import train
 
 from rayrlhf.errors import WorkersLost
 from rayrlhf.orchestrator.metrics import read_metrics
+
+T = TypeVar("T")
 
 REWARD = '''
 import time
@@ -116,18 +119,32 @@ class Chaos(threading.Thread):
             assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
             time.sleep(0.01)
 
+    def during(self, job: Callable[[], T]) -> T:
+        """Run `job` with this schedule beside it (the test then checks `error` and `injected`)."""
+        self.start()
+        try:
+            return job()
+        finally:
+            self.stopped.set()
+            self.join(timeout=60)
+
+    def kill_mid_rollout(self, name: str, after_steps: int, max_delay_s: float = 0.0) -> int:
+        """SIGKILL rollout worker `name` once `after_steps` rows are written, at a seeded point while it owes
+        samples (checked again right before the kill; missed points wait for its next rollout). Returns the pid."""
+        self.wait(lambda: len(self.rows()) >= after_steps, f"{after_steps} step(s)")
+        worker, pid = ray.get_actor(name), _pid(name)
+        while True:
+            self.wait(lambda: ray.get(worker.load.remote()) > 0, f"samples in flight on {name}")
+            time.sleep(self.rng.uniform(0.0, max_delay_s))
+            if ray.get(worker.load.remote()) > 0:  # still owing samples: this is the middle of a rollout
+                os.kill(pid, signal.SIGKILL)
+                self.injected.append(f"kill {name}")
+                return pid
+
 
 def _worker_faults(chaos: Chaos) -> None:
     # 1. rollout-0's process, killed mid-rollout: at a seeded point after it has samples in flight
-    chaos.wait(lambda: len(chaos.rows()) >= 1, "a first step")
-    rollout0, pid = ray.get_actor("rollout-0"), _pid("rollout-0")
-    while True:
-        chaos.wait(lambda: ray.get(rollout0.load.remote()) > 0, "samples in flight on rollout-0")
-        time.sleep(chaos.rng.uniform(0.0, 0.05))
-        if ray.get(rollout0.load.remote()) > 0:  # still owing samples: this is the middle of a rollout
-            os.kill(pid, signal.SIGKILL)
-            chaos.injected.append("kill rollout-0")
-            break
+    chaos.kill_mid_rollout("rollout-0", after_steps=1, max_delay_s=0.05)
     # 2. at the next step boundary, rollout-1's engine hangs: when that is found, rollout-0 may still be restarting,
     #    and the step waits for it (no worker is in service), brings it up to date and goes on
     steps = len(chaos.rows())
@@ -150,19 +167,14 @@ def _worker_faults(chaos: Chaos) -> None:
 def test_rollout_workers_and_reward_server_survive_kills_and_a_hang(ray_local: None, tmp_path: Path) -> None:
     reward = _reward(tmp_path, 0.3)
     chaos = Chaos(tmp_path / "chaos", _worker_faults)
-    chaos.start()
-    try:
-        rows = train(
-            "cluster_configs/local-cpu/grpo.yaml", tmp_path, "chaos", "model.policy=tiny:qwen2",
-            f"reward.function={reward}:reward", "rollout.backend=vllm", "rollout.num_workers=2", "rollout.num_cpus=0.5",
-            "rollout.max_new_tokens=24", "rollout.min_new_tokens=16", "schedule.steps=12", "schedule.prompts_per_step=8",
-            "algorithm.group_size=4", "rollout.micro_batch_size=8", "data.eval=null", "checkpoint.every=0",
-            "faults.generation_timeout_s=20", "faults.generation_timeout_per_token_s=0", "faults.heartbeat_s=3",
-            "reward.timeout_s=400",
-        )
-    finally:
-        chaos.stopped.set()
-        chaos.join(timeout=60)
+    rows = chaos.during(lambda: train(
+        "cluster_configs/local-cpu/grpo.yaml", tmp_path, "chaos", "model.policy=tiny:qwen2",
+        f"reward.function={reward}:reward", "rollout.backend=vllm", "rollout.num_workers=2", "rollout.num_cpus=0.5",
+        "rollout.max_new_tokens=24", "rollout.min_new_tokens=16", "schedule.steps=12", "schedule.prompts_per_step=8",
+        "algorithm.group_size=4", "rollout.micro_batch_size=8", "data.eval=null", "checkpoint.every=0",
+        "faults.generation_timeout_s=20", "faults.generation_timeout_per_token_s=0", "faults.heartbeat_s=3",
+        "reward.timeout_s=400",
+    ))
     assert chaos.error is None, repr(chaos.error)
     assert chaos.injected == ["kill rollout-0", "hang rollout-1", "kill reward-0"]
     assert [r["step"] for r in rows] == list(range(1, 13))
@@ -197,12 +209,7 @@ def test_a_killed_trainer_rank_is_rebuilt_from_the_checkpoint_and_the_run_is_unc
 ) -> None:
     straight = train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "straight", *ASYNC)
     chaos = Chaos(tmp_path / "chaos", _kill_policy_rank)
-    chaos.start()
-    try:
-        rows = train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "chaos", *ASYNC)
-    finally:
-        chaos.stopped.set()
-        chaos.join(timeout=60)
+    rows = chaos.during(lambda: train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "chaos", *ASYNC))
     assert chaos.error is None, repr(chaos.error)
     assert chaos.injected == ["kill policy-1"]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -213,11 +220,7 @@ def test_a_killed_trainer_rank_is_rebuilt_from_the_checkpoint_and_the_run_is_unc
 
 
 def _kill_the_only_worker(chaos: Chaos) -> None:
-    chaos.wait(lambda: len(chaos.rows()) >= 2, "two steps")
-    worker, pid = ray.get_actor("rollout-0"), _pid("rollout-0")
-    chaos.wait(lambda: ray.get(worker.load.remote()) > 0, "samples in flight on rollout-0")
-    os.kill(pid, signal.SIGKILL)
-    chaos.injected.append("kill rollout-0")
+    chaos.kill_mid_rollout("rollout-0", after_steps=2)
 
 
 LOSE = ("rollout.max_new_tokens=24", "rollout.min_new_tokens=16", "schedule.steps=4", "checkpoint.every=0",
@@ -231,13 +234,8 @@ def test_with_every_worker_lost_the_job_checkpoints_the_last_step_and_resume_fin
     prompts given back to the data) and stops naming it; resumed, it equals a run that was never interrupted."""
     straight = train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "straight", *LOSE)
     chaos = Chaos(tmp_path / "lost", _kill_the_only_worker)
-    chaos.start()
-    try:
-        with pytest.raises(WorkersLost, match=r"no rollout worker is left.*checkpoint .*step_2; continue with --resume"):
-            train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "lost", *LOSE, "faults.max_restarts=0")
-    finally:
-        chaos.stopped.set()
-        chaos.join(timeout=60)
+    with pytest.raises(WorkersLost, match=r"no rollout worker is left.*checkpoint .*step_2; continue with --resume"):
+        chaos.during(lambda: train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "lost", *LOSE, "faults.max_restarts=0"))
     assert chaos.error is None and chaos.injected == ["kill rollout-0"], repr(chaos.error)
     assert (tmp_path / "lost/checkpoints/latest").read_text().strip() == "step_2"
     resumed = train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "lost", *LOSE, resume=True)
@@ -249,11 +247,7 @@ def test_with_every_worker_lost_the_job_checkpoints_the_last_step_and_resume_fin
 
 
 def _kill_a_worker_then_wait_for_it(chaos: Chaos) -> None:
-    chaos.wait(lambda: len(chaos.rows()) >= 1, "a first step")
-    worker, pid = ray.get_actor("rollout-1"), _pid("rollout-1")
-    chaos.wait(lambda: ray.get(worker.load.remote()) > 0, "samples in flight on rollout-1")
-    os.kill(pid, signal.SIGKILL)
-    chaos.injected.append("kill rollout-1")
+    pid = chaos.kill_mid_rollout("rollout-1", after_steps=1)
     _hold_until_restarted(chaos, "rollout-1", pid)
     chaos.wait(lambda: any(r.get("faults/worker_restarts", 0) >= 1 for r in chaos.rows()), "rollout-1 back in service")
 
@@ -264,16 +258,12 @@ def test_asynchronous_mode_re_sends_a_dead_workers_samples_and_takes_it_back_at_
     """max_staleness 2, 2 workers: a worker killed mid-rollout; its samples go to the other one while batches are
     in flight, and the restarted worker serves again from a weight sync on (the trainers are ahead of the batch)."""
     chaos = Chaos(tmp_path / "async", _kill_a_worker_then_wait_for_it)
-    chaos.start()
-    try:
-        rows = train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "async", "schedule.max_staleness=2",
-                     f"reward.function={_reward(tmp_path, 0.0)}:reward", "reward.timeout_s=400",
-                     "rollout.num_workers=2", "rollout.num_cpus=0.5", "rollout.max_new_tokens=24",
-                     "rollout.min_new_tokens=16", "schedule.steps=12", "schedule.prompts_per_step=8",
-                     "checkpoint.every=0", "data.eval=null")
-    finally:
-        chaos.stopped.set()
-        chaos.join(timeout=60)
+    rows = chaos.during(lambda: train(
+        "cluster_configs/local-cpu/grpo.yaml", tmp_path, "async", "schedule.max_staleness=2",
+        f"reward.function={_reward(tmp_path, 0.0)}:reward", "reward.timeout_s=400", "rollout.num_workers=2",
+        "rollout.num_cpus=0.5", "rollout.max_new_tokens=24", "rollout.min_new_tokens=16", "schedule.steps=12",
+        "schedule.prompts_per_step=8", "checkpoint.every=0", "data.eval=null",
+    ))
     assert chaos.error is None and chaos.injected == ["kill rollout-1"], repr(chaos.error)
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert all(r["rollout/samples"] == 32 for r in rows)

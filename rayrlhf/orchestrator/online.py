@@ -438,7 +438,6 @@ class OnlineRL:
 
     def _stop_without_workers(self, exc: WorkersLost) -> None:
         """No rollout worker is left: checkpoint the last step boundary when it is intact, and stop."""
-        folder = None
         if not self._updated:  # the step failed before its update: the trainers are as the previous step left them
             failed = self.step
             self.step -= 1

@@ -179,13 +179,12 @@ def stream_rollouts(
             )
 
     def status() -> str:
-        done = expected - owed(list(by_id))
-        owing = {pool.names[s.worker]: 0 for s in streams.values()}
+        owing: dict[int, int] = {}
         for s in streams.values():
-            owing[pool.names[s.worker]] += owed(s.request_ids)
+            owing[s.worker] = owing.get(s.worker, 0) + owed(s.request_ids)
         now = time.monotonic()
-        return f"{done}/{expected} samples; owed by " + ", ".join(
-            f"{name} {n} (last sample {now - last_sample.get(pool.names.index(name), now):.0f}s ago)" for name, n in owing.items())
+        return f"{expected - owed(list(by_id))}/{expected} samples; owed by " + ", ".join(
+            f"{pool.names[i]} {n} (last sample {now - last_sample[i]:.0f}s ago)" for i, n in sorted(owing.items()))
 
     def timed(batch: list[Completion]) -> tuple[list[Completion], Any, tuple[float, float]]:
         start = time.monotonic()
