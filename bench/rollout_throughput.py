@@ -43,7 +43,7 @@ def through_actor(model: Path, prompt_ids: list[list[int]], max_new: int, max_le
     from rayrlhf.actors.rollout import create_rollout_workers
     from rayrlhf.actors.types import GenerationRequest, SamplingSpec
     from rayrlhf.config import ModelConfig, RolloutConfig
-    from rayrlhf.orchestrator.rollout import collect
+    from rayrlhf.orchestrator.workers import collect
 
     ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:

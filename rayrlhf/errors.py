@@ -20,3 +20,8 @@ class WorkersLost(RuntimeError):
 
 class TrainerFailed(RuntimeError):
     """A trainer rank died or hung; its ZeRO world cannot go on, so the groups are rebuilt from a checkpoint."""
+
+
+class FailureBudgetExceeded(RuntimeError):
+    """Too many samples could not be scored over the last steps (faults.max_failed_frac): training on what is
+    left would train on little or nothing, so the job checkpoints and stops."""

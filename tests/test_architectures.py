@@ -37,7 +37,7 @@ from rayrlhf.models.architectures import MATRIX, build_architecture
 from rayrlhf.models.forward import pack_batch, sequence_scores, token_logprobs, token_values
 from rayrlhf.models.hf_layout import checkpoint_state
 from rayrlhf.models.loading import load_critic, load_reward_model, load_tokenizer
-from rayrlhf.orchestrator.rollout import collect
+from rayrlhf.orchestrator.workers import collect
 
 pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)

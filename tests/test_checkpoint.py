@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rayrlhf.actors.types import GenerationRequest, SamplingSpec
 from rayrlhf.orchestrator.checkpoint import latest_checkpoint, load_state, save_checkpoint
 from rayrlhf.orchestrator.metrics import MetricsWriter, read_metrics
-from rayrlhf.orchestrator.rollout import RolloutTimings, assign_least_loaded
+from rayrlhf.orchestrator.rollout import RolloutTimings
 
 
 def write_trainer(folder: Path) -> None:
@@ -69,17 +68,6 @@ def test_metrics_resume_drops_rows_after_the_checkpoint(tmp_path: Path) -> None:
     assert [r["step"] for r in read_metrics(path)] == [1, 2]
     MetricsWriter(path).close()  # a fresh (non-resumed) run starts a new file
     assert read_metrics(path) == []
-
-
-def request(i: int, n: int) -> GenerationRequest:
-    return GenerationRequest(f"r{i}", [1, 2], SamplingSpec(n=n))
-
-
-def test_least_loaded_dispatch_balances_samples() -> None:
-    out = assign_least_loaded([request(i, 2) for i in range(5)], loads=[4, 0, 1])
-    assert [len(o) for o in out] == [1, 2, 2]
-    samples = [4 + 2 * len(out[0]), 2 * len(out[1]), 1 + 2 * len(out[2])]
-    assert max(samples) - min(samples) <= 2
 
 
 def test_overlap_fraction() -> None:

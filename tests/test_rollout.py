@@ -21,7 +21,7 @@ from rayrlhf.actors.weights import bucketize, tensor_checksum, whole_checksums
 from rayrlhf.config import ModelConfig, RolloutConfig
 from rayrlhf.models.forward import pack_batch, token_logprobs
 from rayrlhf.models.loading import load_policy, load_tokenizer
-from rayrlhf.orchestrator.rollout import collect
+from rayrlhf.orchestrator.workers import collect
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from rayrlhf.actors.weight_sync import WeightSyncError, broadcast_weights, verif
 from rayrlhf.config import ModelConfig, RolloutConfig
 from rayrlhf.models.forward import pack_batch
 from rayrlhf.models.loading import load_tokenizer
-from rayrlhf.orchestrator.rollout import collect
+from rayrlhf.orchestrator.workers import collect
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ def test_sync_from_zero3_into_two_vllm_workers(setup) -> None:
     with pytest.raises(WeightSyncError, match="differ from the trainer"):
         verify_weights(group, workers, "float32")
 
-    buckets = broadcast_weights(group, workers, version=1, bucket_bytes=32 * 1024, dtype="float32")
-    assert buckets > 1  # several pipelined buckets
+    result = broadcast_weights(group, workers, version=1, bucket_bytes=32 * 1024, dtype="float32")
+    assert result.moved > 1 and result.synced == [0, 1] and not result.failed  # several pipelined buckets
     verify_weights(group, workers, "float32")  # every tensor of every worker equals the trainer's
     assert ray.get([w.weight_version.remote() for w in workers]) == [1, 1]
 
@@ -98,10 +98,54 @@ def test_collective_sync_over_gloo(setup) -> None:
         with pytest.raises(WeightSyncError, match="differ from the trainer"):
             verify_weights(group, workers, "float32")
         sent = broadcast_weights(group, workers, version, bucket_bytes=32 * 1024, dtype="float32", backend="collective")
-        assert sent == len(group.weight_layout("float32")[0])  # one broadcast per tensor
+        assert sent.moved == len(group.weight_layout("float32")[0]) and sent.synced == [0, 1]  # one broadcast per tensor
         verify_weights(group, workers, "float32")
         assert ray.get([w.weight_version.remote() for w in workers]) == [version, version]
     assert group._weight_group_count == 1  # formed once, reused
     assert all(c.weight_version == 3 for c in generate(workers[0], prompts, "collective", temperature=0.0))
     with pytest.raises(ValueError, match="unknown weight sync backend"):
         broadcast_weights(group, workers, 4, 1024, "float32", backend="carrier-pigeon")
+
+
+def _fail_loads(worker: object) -> None:
+    """Runs inside a rollout worker: its engine fails on every bucket (like a tensor-parallel child that died)."""
+    def broken(bucket):  # noqa: ANN001
+        raise RuntimeError("a tensor-parallel worker process died")
+
+    worker._engine.load_weights = broken  # type: ignore[attr-defined]
+
+
+def _stall(worker: object) -> None:
+    """Runs inside a rollout worker: a thread takes the engine lock and never gives it back (a hung engine)."""
+    import threading
+    import time
+
+    def hold() -> None:
+        with worker._engine_lock:  # type: ignore[attr-defined]
+            time.sleep(3600)
+
+    threading.Thread(target=hold, daemon=True).start()
+
+
+def test_a_worker_that_fails_or_hangs_during_the_sync_is_blamed_not_the_trainer(setup) -> None:
+    """Before: a worker whose engine failed during the sync, or that was stuck in its engine lock, was reported as a
+    trainer failure (TrainerFailed), which rolled the trainers back to a checkpoint. The other worker still gets the
+    weights. (Last in this module: it leaves both workers broken.)"""
+    import sys
+
+    group, workers, prompts, tok = setup
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    batch = pack_batch(prompts, [tok("cccc", add_special_tokens=False)["input_ids"]] * 4, tok.pad_token_id)
+    group.train_step(batch, "sft", {})
+    ray.get(workers[0].__ray_call__.remote(_fail_loads))
+    result = broadcast_weights(group, workers, 5, bucket_bytes=32 * 1024, dtype="float32", timeout_s=60)
+    assert list(result.failed) == [0] and result.failed[0][0] == "error" and "tensor-parallel" in result.failed[0][1]
+    assert result.synced == [1] and ray.get(workers[1].weight_version.remote()) == 5
+    verify_weights(group, [workers[1]], "float32")
+
+    group.train_step(batch, "sft", {})
+    ray.get(workers[1].__ray_call__.remote(_stall))
+    result = broadcast_weights(group, [workers[1]], 6, bucket_bytes=32 * 1024, dtype="float32", timeout_s=5)
+    assert result.failed == {0: ("timeout", "no answer within faults.sync_timeout_s")} and result.synced == []
+    assert group.broken is None  # the trainer group is healthy: nothing to rebuild
+    group.checksums("float32", [])  # and it still answers

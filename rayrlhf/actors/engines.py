@@ -175,6 +175,7 @@ class VLLMEngine:
             stop_token_ids=list(spec.stop_token_ids),
             seed=None if spec.seed is None else spec.seed + index,
             logprobs=0,  # only the sampled token's log-prob
+            prompt_logprobs=0 if spec.prompt_logprobs else None,  # raw log-probs (no sampling processing)
             detokenize=False,
             output_kind=RequestOutputKind.FINAL_ONLY,  # step() returns finished requests only
         )
@@ -187,7 +188,7 @@ class VLLMEngine:
 
     def add(self, request: GenerationRequest) -> None:
         """Queue `request`; n samples become n engine requests so each finishes on its own."""
-        for i in range(request.sampling.n):
+        for i in request.sample_indices:
             engine_id = f"{request.request_id}#{i}"
             if engine_id in self._requests:
                 raise ValueError(f"request id {request.request_id!r} is already in flight")
@@ -204,6 +205,10 @@ class VLLMEngine:
             sample = out.outputs[0]
             ids = list(sample.token_ids)
             logprobs = [float(step_lp[tok].logprob) for tok, step_lp in zip(ids, sample.logprobs or [], strict=True)]
+            prompt_lp = None
+            if request.sampling.prompt_logprobs:
+                prompt = request.prompt_ids
+                prompt_lp = [float(out.prompt_logprobs[t][prompt[t]].logprob) for t in range(1, len(prompt))]
             done.append(
                 Completion(
                     request_id=request.request_id,
@@ -213,6 +218,7 @@ class VLLMEngine:
                     logprobs=logprobs,
                     finish_reason="length" if sample.finish_reason == "length" else "stop",
                     weight_version=-1,  # stamped by the worker
+                    prompt_logprobs=prompt_lp,
                 )
             )
         return done
@@ -307,11 +313,12 @@ class HFEngine:
         self._loaded: set[str] = set()
 
     def add(self, request: GenerationRequest) -> None:
-        self._pending.extend((request, i) for i in range(request.sampling.n))
+        self._pending.extend((request, i) for i in request.sample_indices)
 
     @staticmethod
     def _batch_key(spec: SamplingSpec) -> tuple:
-        return (spec.temperature, spec.top_p, spec.top_k, spec.max_new_tokens, spec.min_new_tokens, spec.stop_token_ids)
+        return (spec.temperature, spec.top_p, spec.top_k, spec.max_new_tokens, spec.min_new_tokens, spec.stop_token_ids,
+                spec.prompt_logprobs)
 
     def _generation_config(self, spec: SamplingSpec, stop_ids: set[int]) -> Any:
         from transformers import GenerationConfig
@@ -359,6 +366,12 @@ class HFEngine:
         scores = torch.stack(out.scores, dim=1).float()
         logprobs = F.log_softmax(scores, dim=-1).gather(-1, tokens.to(scores.device).unsqueeze(-1)).squeeze(-1).cpu()
 
+        probes = {}  # log p of each prompt token, for requests that ask (a probe of the engine's weights)
+        for row, (req, _) in enumerate(batch):
+            if req.sampling.prompt_logprobs:
+                ids_t = torch.as_tensor([req.prompt_ids], dtype=torch.long, device=self.device)
+                logits = self.model(input_ids=ids_t).logits[0, :-1].float()
+                probes[row] = F.log_softmax(logits, dim=-1).gather(-1, ids_t[0, 1:].unsqueeze(-1)).squeeze(-1).cpu().tolist()
         done = []
         for row, (req, index) in enumerate(batch):
             ids = tokens[row].tolist()
@@ -373,6 +386,7 @@ class HFEngine:
                     logprobs=logprobs[row, :length].tolist(),
                     finish_reason="length" if stop_at is None else "stop",
                     weight_version=-1,
+                    prompt_logprobs=probes.get(row),
                 )
             )
         return done

@@ -1,4 +1,5 @@
-"""What the driver needs to diagnose an actor that died or hangs: where it runs, and its stacks.
+"""What the driver needs to diagnose an actor that died or hangs: what a failed call means, where the
+actor runs, and its stacks.
 
 `identity()` is asked once an actor is up (a hung actor may not answer later). A hung actor's
 stacks are read from outside by `py-spy dump`, run as a Ray task on the actor's node, so it
@@ -42,3 +43,30 @@ def py_spy_dump(pid: int, timeout_s: float = 30.0) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"py-spy dump --pid {pid} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
     return done.stdout
+
+
+# What a failed call means. DIED: the process is gone (Ray restarts it if it has restarts left).
+# UNAVAILABLE: the actor cannot be reached (restarting, or a transient outage: its process may be alive).
+# TIMEOUT: no answer within the bound. COMM: a collective failed because a peer went away. ERROR: the actor's
+# own code raised (an engine that failed, a bad request).
+DIED, UNAVAILABLE, TIMEOUT, COMM, ERROR = "died", "unavailable", "timeout", "comm", "error"
+
+# How gloo and NCCL report a peer that went away mid-collective.
+_COMM_SIGNS = ("connection closed by peer", "connection reset by peer", "broken pipe", "gloo", "nccl",
+               "socket timeout", "distbackenderror", "distnetworkerror", "timed out waiting")
+
+
+def classify(exc: BaseException) -> str:
+    """DIED, UNAVAILABLE, TIMEOUT, COMM or ERROR (see above)."""
+    if isinstance(exc, ray.exceptions.ActorUnavailableError):
+        return UNAVAILABLE
+    if isinstance(exc, ray.exceptions.RayActorError):
+        return DIED
+    if isinstance(exc, (ray.exceptions.GetTimeoutError, TimeoutError)):
+        return TIMEOUT
+    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None else exc
+    import torch.distributed as dist
+
+    if isinstance(cause, getattr(dist, "DistError", ())) or any(s in repr(cause).lower() for s in _COMM_SIGNS):
+        return COMM
+    return ERROR

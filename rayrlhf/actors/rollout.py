@@ -153,11 +153,11 @@ class RolloutWorker:
             if clash:
                 raise ValueError(f"{self._name}: request ids already in flight or repeated: {clash[:5]}")
             for request in requests:
-                self._routes[request.request_id] = _Route(sink, request.sampling.n)
-                self._outstanding += request.sampling.n
+                self._routes[request.request_id] = _Route(sink, len(request.sample_indices))
+                self._outstanding += len(request.sample_indices)
             self._inbox.extend(requests)
             self._cond.notify_all()
-        due = sum(r.sampling.n for r in requests)
+        due = sum(len(r.sample_indices) for r in requests)
         while due:
             batch = [sink.get()]
             while len(batch) < due:
@@ -201,8 +201,17 @@ class RolloutWorker:
     # ----- weight sync ------------------------------------------------------------------------
 
     def begin_weight_update(self, aliases: dict[str, str] | None = None) -> None:
-        """Pause stepping and prepare the engine to receive buckets (`aliases`: the trainer's tied names)."""
+        """Pause stepping and prepare the engine to receive buckets (`aliases`: the trainer's tied names).
+
+        An update left unfinished (its sync was abandoned when a trainer rank failed) is closed first; the
+        weights it left half-loaded are all overwritten by this one, which is verified."""
         with self._engine_lock:
+            if self._updating:
+                log.warning("%s: closing a weight update that was left unfinished", self._name)
+                try:
+                    self._engine.finish_weight_update()
+                except Exception as exc:  # noqa: BLE001 - the new update replaces every weight anyway
+                    log.warning("%s: closing it failed (%r); going on with the new update", self._name, exc)
             with self._cond:
                 self._updating = True
             self._engine.begin_weight_update(aliases)
@@ -229,8 +238,9 @@ class RolloutWorker:
     # ----- collective transport (see rayrlhf.actors.collective) -------------------------------
 
     def init_weight_group(self, addr: str, port: int, world_size: int, rank: int, group_name: str,
-                          device: str | None = None) -> None:
-        """Join trainer rank 0's broadcast group as `rank` (blocks until every member has joined).
+                          device: str | None = None, timeout_s: float = 600.0) -> None:
+        """Join trainer rank 0's broadcast group as `rank` (blocks until every member has joined, at most
+        `timeout_s`, which also bounds each broadcast).
 
         The group is on CUDA (NCCL) when this worker has a GPU, else on CPU (gloo).
         """
@@ -240,7 +250,7 @@ class RolloutWorker:
 
         self.destroy_weight_group()
         device = device or ("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
-        self._weight_group = WeightGroup(addr, port, world_size, rank, group_name, device)
+        self._weight_group = WeightGroup(addr, port, world_size, rank, group_name, device, timeout_s)
 
     def destroy_weight_group(self) -> None:
         group, self._weight_group = self._weight_group, None
@@ -354,6 +364,8 @@ def create_rollout_workers(
                 get_if_exists=False,
                 num_cpus=rollout_cfg.num_cpus,
                 num_gpus=rollout_cfg.num_gpus,
+                resources=dict(rollout_cfg.resources) or None,
+                scheduling_strategy="SPREAD" if rollout_cfg.placement == "spread" else "DEFAULT",
                 max_concurrency=CONTROL_CONCURRENCY,
                 max_restarts=max_restarts,
                 runtime_env={"env_vars": env},

@@ -108,6 +108,10 @@ class RewardServer:
         """(node id, pid), for a stack dump from outside should this server hang."""
         return identity()
 
+    def function_restarts(self) -> int:
+        """Times the reward function's child process was started again (it died or hung)."""
+        return self.fn.restarts if self.fn is not None else 0
+
     @torch.no_grad()
     def score(
         self,

@@ -382,13 +382,14 @@ class TrainerRank:
         """This node's IP and a free port for the weight group's store (rank 0 hosts it)."""
         return ray.util.get_node_ip_address(), free_port()
 
-    def init_weight_group(self, addr: str, port: int, world_size: int, group_name: str) -> None:
-        """Rank 0 hosts the store and joins the broadcast group as root 0; other ranks do nothing."""
+    def init_weight_group(self, addr: str, port: int, world_size: int, group_name: str, timeout_s: float = 600.0) -> None:
+        """Rank 0 hosts the store and joins the broadcast group as root 0; other ranks do nothing. Every wait of
+        the group (joining, each broadcast) gives up after `timeout_s`."""
         from rayrlhf.actors.collective import WeightGroup
 
         self.destroy_weight_group()
         if self.rank == 0:
-            self.weight_group = WeightGroup(addr, port, world_size, 0, group_name, self.device)
+            self.weight_group = WeightGroup(addr, port, world_size, 0, group_name, self.device, timeout_s)
 
     def destroy_weight_group(self) -> None:
         group, self.weight_group = self.weight_group, None
@@ -410,14 +411,17 @@ class TrainerRank:
             sent.append((name, tuple(tensor.shape), tensor.dtype))
         return sent
 
-    def iter_weight_buckets(self, bucket_bytes: int, dtype: str | None = None) -> Iterator[Bucket]:
-        """Stream the full weights as buckets (rank 0 yields; the others only join the gathers).
+    def iter_weight_buckets(self, bucket_bytes: int, dtype: str | None = None, end_marker: bool = False) -> Iterator[Bucket | None]:
+        """Stream the full weights as buckets (rank 0 yields; the others only join the gathers), then None
+        when `end_marker` (so the driver can tell a complete stream from a broken one).
 
         Call with ``.options(num_returns="streaming")`` on every rank at once.
         """
         named = self._full_tensors(dtype)
         if self.rank == 0:
             yield from bucketize(named, bucket_bytes)
+            if end_marker:
+                yield None
         else:
             for _ in named:
                 pass

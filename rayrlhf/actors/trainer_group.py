@@ -90,18 +90,21 @@ class TrainerGroup:
         num_gpus: float = 0.0,
         name_prefix: str | None = None,
         placement_timeout_s: float = 120.0,
+        placement: str = "pack",
+        resources: dict[str, float] | None = None,
     ) -> None:
         if role not in ROLES:
             raise ValueError(f"unknown trainer role {role!r}; valid roles are {list(ROLES)}")
         self.role, self.num_ranks, self.settings = role, num_ranks, settings
         self.timeout_s: float | None = None  # set by watch(); None: calls wait as long as they take
+        self.broken: str | None = None  # why a rank failed; every later call raises TrainerFailed at once
         self.heartbeat_s, self.on_hang, self.idents = 60.0, None, []
         self._stream_rest: list[Any] = []
         self._weight_group_key: tuple[str, ...] | None = None  # the workers the current weight group spans
         self._weight_group_count = 0
         self._layouts: dict[str, Any] = {}
-        bundle = {k: v for k, v in {"CPU": num_cpus, "GPU": num_gpus}.items() if v > 0} or {"CPU": 0.01}
-        self.pg = placement_group([dict(bundle) for _ in range(num_ranks)], strategy="PACK")
+        bundle = {k: v for k, v in {"CPU": num_cpus, "GPU": num_gpus, **(resources or {})}.items() if v > 0} or {"CPU": 0.01}
+        self.pg = placement_group([dict(bundle) for _ in range(num_ranks)], strategy=placement.upper())
         try:
             ray.get(self.pg.ready(), timeout=placement_timeout_s)
         except ray.exceptions.GetTimeoutError:
@@ -134,7 +137,7 @@ class TrainerGroup:
     def from_config(cls, cfg: JobConfig, role: str, model_path: str, total_steps: int, **kwargs: Any) -> TrainerGroup:
         rc = role_config(cfg, role)
         return cls(role, model_path, trainer_settings(cfg, role, total_steps), num_ranks=rc.num_ranks,
-                   num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, **kwargs)
+                   num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, placement=rc.placement, resources=rc.resources, **kwargs)
 
     # ---------------------------------------------------------------- plumbing
 
@@ -145,8 +148,16 @@ class TrainerGroup:
         self.idents = ray.get([a.identity.remote() for a in self.actors])
 
     def _wait(self, refs: list[Any], what: str = "call") -> list[Any]:
-        """Results of all ranks; the first rank error is raised at once instead of behind a hung peer. A rank
-        that died, or did not answer within the watch timeout, raises TrainerFailed."""
+        """Results of all ranks; the first rank error is raised at once instead of behind a hung peer.
+
+        A rank that died, did not answer within the watch timeout, or failed in a collective because a peer
+        went away raises TrainerFailed, and the group is broken from then on: every later call raises at
+        once (without waiting or dumping again) until the loop rebuilds the groups. A rank's own error (a bad
+        batch, a bug) is raised as it is."""
+        from rayrlhf.actors.health import COMM, DIED, UNAVAILABLE, classify
+
+        if self.broken:
+            raise TrainerFailed(f"{self.role} trainer: {self.broken} (the groups are being rebuilt)")
         pending, start = list(refs), time.monotonic()
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=self.heartbeat_s if self.timeout_s else None)
@@ -154,17 +165,36 @@ class TrainerGroup:
                 waited = time.monotonic() - start
                 ranks = [refs.index(r) for r in pending if refs.index(r) < self.num_ranks]
                 if waited >= self.timeout_s:
+                    self.broken = f"rank(s) {ranks} gave no answer to {what} within {self.timeout_s:.0f}s (faults.train_timeout_s): hung"
                     if self.on_hang is not None:
                         self.on_hang(self.role, ranks)
-                    raise TrainerFailed(f"{self.role} trainer: rank(s) {ranks} gave no answer to {what} within "
-                                        f"{self.timeout_s:.0f}s (faults.train_timeout_s): hung")
+                    raise TrainerFailed(f"{self.role} trainer: {self.broken}")
                 log.warning("still waiting on the %s trainer's %s after %.0f s (rank(s) %s)", self.role, what, waited, ranks)
                 continue
             try:
                 ray.get(done[0])
-            except ray.exceptions.RayActorError as exc:
-                raise TrainerFailed(f"{self.role} trainer: a rank died during {what}: {exc}") from exc
+            except Exception as exc:  # noqa: BLE001 - sorted below
+                kind = classify(exc)
+                if kind in (DIED, UNAVAILABLE):
+                    self.broken = f"rank {refs.index(done[0])} died during {what}: {type(exc).__name__}"
+                elif kind == COMM or self._any_rank_dead():
+                    self.broken = f"a collective failed during {what} (a peer rank went away): {str(exc)[:300]}"
+                else:
+                    raise
+                raise TrainerFailed(f"{self.role} trainer: {self.broken}") from exc
         return ray.get(refs)
+
+    def _any_rank_dead(self, timeout_s: float = 10.0) -> bool:
+        """Whether a rank is dead or does not answer a trivial call (a surviving rank's error may be the echo)."""
+        refs = [a.identity.remote() for a in self.actors]
+        done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if pending:
+            return True
+        try:
+            ray.get(done)
+        except ray.exceptions.RayActorError:
+            return True
+        return False
 
     def _call(self, method: str, *args: Any, per_rank: list[tuple[Any, ...]] | None = None) -> list[Any]:
         self.finish_weight_stream()
@@ -266,19 +296,65 @@ class TrainerGroup:
             self._layouts[key] = ray.get(self.actors[0].weight_layout.remote(dtype))
         return self._layouts[key]
 
-    def iter_weight_buckets(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: str | None = None) -> Any:
-        """Start a weight stream on every rank and return rank 0's ObjectRefGenerator of buckets."""
+    def iter_weight_buckets(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: str | None = None,
+                            end_marker: bool = False) -> Any:
+        """Start a weight stream on every rank and return rank 0's ObjectRefGenerator of buckets (and a final
+        None when `end_marker`: a stream that breaks ends with an error in its place)."""
         self.finish_weight_stream()
-        gens = [a.iter_weight_buckets.options(num_returns="streaming").remote(bucket_bytes, dtype) for a in self.actors]
+        gens = [a.iter_weight_buckets.options(num_returns="streaming").remote(bucket_bytes, dtype, end_marker)
+                for a in self.actors]
         self._stream_rest = gens[1:]
         return gens[0]
 
+    def stream_weight_buckets(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: str | None = None) -> Any:
+        """Rank 0's bucket refs, each handed out only once the trainer side is known to be healthy up to it.
+
+        Every wait is bounded by the watch timeout. A stream that breaks (a rank raised or died) ends with an
+        error in place of its next item, so a bucket is yielded only once the item after it has arrived, and
+        the last item (the end marker, or the error) is read here: never by a rollout worker, which would be
+        blamed for the trainer's failure. Only that tiny last item is fetched to the driver."""
+        gen = self.iter_weight_buckets(bucket_bytes, dtype, end_marker=True)
+        held = None
+        while True:
+            self._await_next(gen, "the weight stream")
+            try:
+                ref = next(gen)
+            except StopIteration:
+                break
+            if held is not None:
+                yield held
+            held = ref
+        if held is None:
+            raise TrainerFailed(f"{self.role} trainer: the weight stream ended without any item")
+        self._wait([held], "the weight stream")  # the error that broke the stream, if any, raised as a trainer fault
+        if ray.get(held) is not None:
+            raise TrainerFailed(f"{self.role} trainer: the weight stream ended without its end marker")
+        self.finish_weight_stream()
+
+    def _await_next(self, gen: Any, what: str) -> None:
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        while True:
+            ready, _ = ray.wait([gen], timeout=self.heartbeat_s)
+            if ready:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                self.broken = f"rank 0 gave no weight bucket within {self.timeout_s:.0f}s (faults.train_timeout_s): hung"
+                if self.on_hang is not None:
+                    self.on_hang(self.role, [0])
+                raise TrainerFailed(f"{self.role} trainer: {self.broken}")
+            log.warning("still waiting on the %s trainer's %s", self.role, what)
+
     def finish_weight_stream(self) -> None:
-        """Wait for the non-zero ranks of the last weight stream (they yield nothing) and raise their errors."""
+        """Wait (bounded) for the non-zero ranks of the last weight stream (they yield nothing) and raise their errors."""
         rest, self._stream_rest = self._stream_rest, []
         for gen in rest:
-            for ref in gen:
-                ray.get(ref)
+            while True:
+                self._await_next(gen, "the end of the weight stream")
+                try:
+                    ref = next(gen)
+                except StopIteration:
+                    break
+                self._wait([ref], "the weight stream")
 
     # ---------------------------------------------------------------- collective weight sync
 
@@ -286,49 +362,88 @@ class TrainerGroup:
         """Form the broadcast group anew at the next collective sync (a restarted worker keeps its actor id)."""
         self._weight_group_key = None
 
-    def setup_weight_group(self, workers: list[Any], timeout_s: float = 300.0) -> None:
-        """Form the broadcast group {rank 0, workers} once; a different worker list forms a new one."""
+    def setup_weight_group(self, workers: list[Any], timeout_s: float = 300.0) -> dict[int, tuple[str, str]]:
+        """Form the broadcast group {rank 0, workers} once; a different worker list forms a new one.
+
+        Returns the workers that did not join in time or failed to ({} when the group is formed); the
+        group is then not formed (the caller leaves them out and forms one without them)."""
+        from rayrlhf.actors.weight_sync import settle
+
         key = tuple(w._actor_id.hex() for w in workers)
         if self._weight_group_key == key:
-            return
+            return {}
         self.finish_weight_stream()
         self._weight_group_key = None
-        addr, port = ray.get(self.actors[0].weight_group_address.remote())
+        addr, port = self._wait([self.actors[0].weight_group_address.remote()], "weight_group_address")[0]
         self._weight_group_count += 1
         name = f"{self.actors[0]._actor_id.hex()[:12]}-{self._weight_group_count}"
         world = 1 + len(workers)
-        refs = [a.init_weight_group.remote(addr, port, world, name) for a in self.actors]
-        refs += [w.init_weight_group.remote(addr, port, world, i + 1, name) for i, w in enumerate(workers)]
-        done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        if pending:
-            raise RuntimeError(f"the weight group {addr}:{port} did not form within {timeout_s:.0f}s")
-        ray.get(done)
+        trainer = [a.init_weight_group.remote(addr, port, world, name, timeout_s) for a in self.actors]
+        joins = {i: [w.init_weight_group.remote(addr, port, world, i + 1, name, None, timeout_s)] for i, w in enumerate(workers)}
+        failed = settle(joins, time.monotonic() + timeout_s)
+        if failed:  # rank 0 gives up on the group at its own timeout (timeout_s)
+            return failed
+        self._wait(trainer, "init_weight_group")
         self._weight_group_key = key
         log.info("weight group %s: policy rank 0 + %d worker(s) via %s:%d", name, len(workers), addr, port)
+        return {}
 
     def broadcast_weights_collective(
         self, workers: list[Any], version: int, dtype: str | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-    ) -> int:
+        timeout_s: float = 600.0,
+    ) -> Any:
         """Push the full weights to `workers` over the broadcast group and set their `weight_version`.
 
-        Returns the number of tensors broadcast. A failure leaves the group unusable: the next
-        call forms a new one (members stuck in the old one wait for its timeout).
+        Returns a `weight_sync.SyncResult`. A worker that fails (to join, to receive, in time) is blamed, and the
+        others of this attempt are not synced (the group broke for everyone: the caller tries again without
+        the failed ones, over a new group); a gloo/NCCL error on rank 0 caused by such a worker is its echo,
+        not a trainer fault. A trainer rank that died or hung raises TrainerFailed.
         """
-        self.setup_weight_group(workers)
+        from rayrlhf.actors.health import COMM, DIED, UNAVAILABLE, classify
+        from rayrlhf.actors.weight_sync import SyncResult, settle
+
+        result = SyncResult()
+        result.failed = self.setup_weight_group(workers, timeout_s)
+        if result.failed:
+            return result
         meta, aliases = self.weight_layout(dtype)
-        ray.get([w.begin_weight_update.remote(aliases) for w in workers])
-        try:
-            recvs = [w.receive_weights.remote(meta, bucket_bytes) for w in workers]
-            sends = [a.broadcast_weights.remote(dtype) for a in self.actors]
-            sent = self._wait(sends + recvs)[0]
-        except BaseException:
+        result.failed = settle({i: [w.begin_weight_update.remote(aliases)] for i, w in enumerate(workers)},
+                               time.monotonic() + timeout_s)
+        if result.failed:  # a member will not receive: the broadcast would wait for it
             self._weight_group_key = None
-            raise
+            return result
+        deadline = time.monotonic() + timeout_s
+        recvs = {i: [w.receive_weights.remote(meta, bucket_bytes)] for i, w in enumerate(workers)}
+        sends = [a.broadcast_weights.remote(dtype) for a in self.actors]
+        result.failed = settle(recvs, deadline)
+        done, pending = ray.wait(sends, num_returns=len(sends), timeout=max(0.0, deadline - time.monotonic()))
+        errors = []
+        for ref in done:
+            try:
+                ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - sorted below
+                errors.append(exc)
+        if any(classify(e) in (DIED, UNAVAILABLE) for e in errors):
+            self._weight_group_key = None
+            self._wait(sends, "broadcast_weights")  # raises TrainerFailed (a rank died)
+        if result.failed:
+            self._weight_group_key = None
+            return result
+        if pending or errors:
+            self._weight_group_key = None
+            if errors and all(classify(e) != COMM for e in errors):
+                raise errors[0]
+            self._wait(sends, "broadcast_weights")  # a hung rank: TrainerFailed after the watch timeout
+            raise TrainerFailed(f"{self.role} trainer: the collective weight broadcast failed: {errors[0]!r}"[:500])
+        sent = ray.get(sends[0])
         if [(n, tuple(s)) for n, s, _ in sent] != [(n, tuple(s)) for n, s, _ in meta]:
             self._weight_group_key = None
             raise RuntimeError(f"{self.role} rank 0 broadcast other tensors than its metadata announced")
-        ray.get([w.finish_weight_update.remote(version) for w in workers])
-        return len(sent)
+        result.moved = len(sent)
+        result.failed = settle({i: [w.finish_weight_update.remote(version)] for i, w in enumerate(workers)},
+                               time.monotonic() + timeout_s)
+        result.synced = [i for i in range(len(workers)) if i not in result.failed]
+        return result
 
     def shutdown(self, timeout_s: float = 60.0) -> None:
         """Leave the process group on every rank, then kill the actors and free the placement group."""

@@ -22,15 +22,25 @@ class SamplingSpec:
     min_new_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
+    prompt_logprobs: bool = False  # also return log p(token t | tokens < t) of every prompt token (a probe)
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One prompt to sample `sampling.n` responses for. `request_id` must be unique per worker."""
+    """One prompt to sample `sampling.n` responses for. `request_id` must be unique per worker.
+
+    `indices` narrows it to some of the n samples (sample i is seeded `sampling.seed + i` wherever it
+    runs): a request sent again after its worker failed asks only for the samples that did not come back.
+    """
 
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingSpec = field(default_factory=SamplingSpec)
+    indices: tuple[int, ...] | None = None
+
+    @property
+    def sample_indices(self) -> tuple[int, ...]:
+        return tuple(range(self.sampling.n)) if self.indices is None else self.indices
 
 
 @dataclass
@@ -45,6 +55,7 @@ class Completion:
     finish_reason: Literal["stop", "length"]
     weight_version: int
     worker: str = ""
+    prompt_logprobs: list[float] | None = None  # for tokens 1.. of the prompt, when the request asked (temperature 1)
 
     @property
     def truncated(self) -> bool:

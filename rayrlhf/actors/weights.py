@@ -134,3 +134,24 @@ def compare_checksums(
         elif name not in held and not (name in aliases and aliases[name] in held):
             problems.append(f"{name}: missing from the engine")
     return problems
+
+
+def bucket_checksums(buckets: Iterable[Bucket], meta: list[tuple[str, tuple[int, ...], torch.dtype]],
+                     aliases: dict[str, str], keys: Iterable[tuple[str, Region]]) -> dict[tuple[str, Region], str]:
+    """The checksums `keys` name, computed from buckets of a sync (what the trainer held then), tied aliases
+    through the tensor they share: the expected side of a verification when the trainer has moved on."""
+    dtypes = {name: dtype for name, _, dtype in meta}
+    arrays = {name: array for bucket in buckets for name, array in bucket}
+    out = {}
+    for name, region in keys:
+        region = tuple(tuple(r) for r in region)
+        canonical = aliases.get(name, name)
+        if canonical not in arrays:
+            out[(name, region)] = "not in the kept buckets"
+            continue
+        tensor = from_numpy(arrays[canonical], dtypes.get(canonical, torch.float32))
+        try:
+            out[(name, region)] = tensor_checksum(region_slice(tensor, region))
+        except ValueError as exc:
+            out[(name, region)] = f"no such region: {exc}"
+    return out

@@ -29,6 +29,7 @@ class RolloutConfig(Section):
     max_model_len: int | None = Field(None, ge=16, description="Engine context length; default max_prompt_tokens + max_new_tokens.")
     enforce_eager: bool = Field(True, description="Disable CUDA graphs in vLLM (faster start, slower decode).")
     micro_batch_size: int = Field(8, ge=1, description="Completions per scoring micro-batch streamed to the scorers.")
+    dump_every: int = Field(0, ge=0, description="Write every sample of every Nth step to output_dir/samples/step_<N>.jsonl (0: never).")
     max_num_seqs: int | None = Field(None, ge=1, description="Sequences an engine decodes at once (vLLM max_num_seqs); null: engine default.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per rollout worker actor.")
     num_threads: int | None = Field(
@@ -37,6 +38,14 @@ class RolloutConfig(Section):
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per rollout worker actor (tensor_parallel_size on GPU clusters).")
     cpus: list[NonNegativeInt] | None = Field(
         None, min_length=1, description="CPU cores the rollout workers run on (affinity, e.g. [0]); null: any. Keeps generation off the trainers' cores."
+    )
+    placement: Literal["pack", "spread"] = Field(
+        "pack", description="Where Ray puts the rollout workers: pack (its default: fill nodes) or spread (one per node "
+        "where it can, so a node lost takes fewer of them); a restarted worker goes wherever it fits."
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each rollout worker asks for (e.g. {rollout_node: 1} to "
+        "keep workers on the nodes started with --resources='{\"rollout_node\": 4}')."
     )
 
 
@@ -52,6 +61,13 @@ class RoleConfig(Section):
     )
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per rank.")
     cpus: list[NonNegativeInt] | None = Field(None, min_length=1, description="CPU cores this group's ranks run on (affinity, e.g. [1]); null: any.")
+    placement: Literal["pack", "spread", "strict_spread", "strict_pack"] = Field(
+        "pack", description="Placement-group strategy of this group's ranks: pack (few nodes), spread (many), strict_spread "
+        "(one rank per node, or the group waits), strict_pack (one node)."
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each rank asks for (e.g. {trainer_node: 1})."
+    )
 
 
 class TrainerConfig(Section):
@@ -129,6 +145,15 @@ class FaultsConfig(Section):
     train_timeout_s: float = Field(1800.0, gt=0, description="Longest trainer-group call (a train step, a forward, a save) before a rank is hung, s.")
     sync_timeout_s: float = Field(600.0, gt=0, description="Longest weight sync to the rollout workers before a worker is hung, s.")
     heartbeat_s: float = Field(60.0, gt=0, description="Log what the driver waits on every this many seconds while a phase runs long.")
+    keep_synced_weights: bool | None = Field(
+        None, description="Keep the last sync's weight buckets in the object store (one more copy of the policy) so a worker "
+        "that restarts mid-rollout rejoins at once; null: on in asynchronous mode with the object-store sync."
+    )
+    max_failed_frac: float = Field(
+        0.5, gt=0, le=1, description="Stop the job (after a checkpoint) when more than this share of the samples of the last "
+        "failure_window steps could not be scored (reward, environment or scoring failures)."
+    )
+    failure_window: int = Field(3, ge=1, description="Steps over which faults.max_failed_frac is measured.")
 
 
 class RayConfig(Section):

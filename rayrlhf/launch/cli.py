@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from rayrlhf.config import load_config, to_yaml
-from rayrlhf.errors import InvalidInput, Preempted, WorkersLost
+from rayrlhf.errors import FailureBudgetExceeded, InvalidInput, Preempted, WorkersLost
 
 log = logging.getLogger("rayrlhf")
 
@@ -58,7 +58,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     try:
         return run_submit(
             args.config, args.overrides, args.address, args.working_dir, args.no_working_dir, args.excludes,
-            args.follow, args.submission_id,
+            args.follow, args.submission_id, resume=args.resume, stop_grace_s=args.stop_grace_s,
         )
     except SubmitError as exc:
         sys.stderr.write(f"rayrlhf: {exc}\n")
@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="gitignore-style pattern left out of the upload, besides .venv/, outputs/, checkpoints/, ... (repeatable)",
     )
     submit.add_argument("--submission-id", help="job id to use (default: rayrlhf-<algorithm>-<time>-<random>)")
+    submit.add_argument("--resume", action="store_true", help="continue the run in output_dir from its latest checkpoint")
+    submit.add_argument(
+        "--stop-grace-s", type=int, default=600, metavar="S",
+        help="how long `ray job stop` lets the job checkpoint and exit before killing it (default: %(default)s)",
+    )
     submit.set_defaults(func=cmd_submit)
     return parser
 
@@ -123,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Preempted as exc:
         sys.stderr.write(f"rayrlhf: {exc}\n")
         return EXIT_PREEMPTED
-    except WorkersLost as exc:  # the message names the checkpoint to resume from; a traceback adds nothing
+    except (WorkersLost, FailureBudgetExceeded) as exc:  # the message names the checkpoint; a traceback adds nothing
         sys.stderr.write(f"rayrlhf: {exc}\n")
         return EXIT_FAILURE
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -193,6 +194,9 @@ def run_demo(output_dir: str | Path = "outputs/demo", settings: DemoSettings | N
                   f"{s.n_train} prompts for comparisons and PPO, {s.n_eval} held-out prompts; a "
                   f"{s.num_layers}-layer Llama of width {s.hidden_size}; everything under {out}")
     cfgs = stage_configs(out, data, base, s)
+    for name in cfgs:  # the demo's own stage folders: a new demo run replaces the previous one
+        if (out / name).exists():
+            shutil.rmtree(out / name)
     started = not ray.is_initialized()
     if started:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")

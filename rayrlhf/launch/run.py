@@ -15,6 +15,9 @@ def run_job(cfg: JobConfig, resume: bool = False) -> Path:
     """Run `cfg` to completion and return the folder of the final model."""
     import ray
 
+    from rayrlhf.orchestrator.run_dir import claim_output_dir
+
+    claim_output_dir(cfg.output_dir, resume)  # before anything is written: never over another run's files
     offline = checked = None
     if not cfg.algorithm.is_online:
         from rayrlhf.orchestrator.offline import OfflineTrainer

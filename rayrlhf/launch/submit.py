@@ -130,14 +130,23 @@ def new_submission_id(cfg: JobConfig) -> str:
     return f"rayrlhf-{cfg.algorithm.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
+# `ray job stop` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (3 s by default): too short for a job
+# to finish its step and write a checkpoint. Submitted jobs get this much, unless --stop-grace-s says otherwise.
+DEFAULT_STOP_GRACE_S = 600
+
+
 def prepare(
     cfg: JobConfig,
     working_dir: str | Path | None,
     excludes: list[str] | tuple[str, ...] = (),
     env_vars: dict[str, str] | None = None,
     submission_id: str | None = None,
+    resume: bool = False,
+    stop_grace_s: int = DEFAULT_STOP_GRACE_S,
 ) -> Submission:
-    """Build the submission for `cfg`; `working_dir=None` relies on the cluster's installed rayrlhf."""
+    """Build the submission for `cfg`; `working_dir=None` relies on the cluster's installed rayrlhf. `resume`
+    continues the run in cfg.output_dir from its latest checkpoint; `stop_grace_s` is how long `ray job stop`
+    waits for the job to checkpoint and exit before it kills it (the job supervisor reads it from the job's env)."""
     submission_id = submission_id or new_submission_id(cfg)
     config_rel = f"{STAGE_DIR}/{submission_id}.yaml"
     wd = None
@@ -146,12 +155,10 @@ def prepare(
         if not wd.is_dir():
             raise InvalidInput(f"--working-dir {working_dir}: not a directory")
     all_excludes = [*DEFAULT_EXCLUDES, *excludes]
-    runtime_env: dict[str, Any] = {}
-    if env_vars:
-        runtime_env["env_vars"] = dict(env_vars)
+    runtime_env: dict[str, Any] = {"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(int(stop_grace_s)), **(env_vars or {})}}
     return Submission(
         submission_id=submission_id,
-        entrypoint=entrypoint(["train", config_rel]),
+        entrypoint=entrypoint(["train", config_rel, *(["--resume"] if resume else [])]),
         runtime_env=runtime_env,
         config_yaml=to_yaml(cfg),
         working_dir=wd,
@@ -285,6 +292,8 @@ def run_submit(
     excludes: list[str],
     follow_logs: bool,
     submission_id: str | None = None,
+    resume: bool = False,
+    stop_grace_s: int = DEFAULT_STOP_GRACE_S,
 ) -> int:
     """The `rayrlhf submit` command; returns the process exit code."""
     cfg = load_config(config, overrides)  # ConfigError (exit 2) before anything is sent
@@ -296,11 +305,11 @@ def run_submit(
             "deletes eventually; use an absolute path on storage every node shares (e.g. --set output_dir=/mnt/shared/run)",
             cfg.output_dir,
         )
-    sub = prepare(cfg, wd, excludes, submission_id=submission_id)
+    sub = prepare(cfg, wd, excludes, submission_id=submission_id, resume=resume, stop_grace_s=stop_grace_s)
     client = make_client(address)
     job_id = submit(client, sub)
     print(f"submitted job {job_id}")
-    print(f"  entrypoint: rayrlhf train {STAGE_DIR}/{sub.submission_id}.yaml")
+    print(f"  entrypoint: rayrlhf train {STAGE_DIR}/{sub.submission_id}.yaml{' --resume' if resume else ''}")
     print(f"  dashboard:  {job_url(address, job_id)}")
     if not follow_logs:
         print(f"  logs:       ray job logs --follow {job_id} --address {address}  (with RAY_AUTH_MODE=token)")

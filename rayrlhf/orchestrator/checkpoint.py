@@ -31,35 +31,54 @@ def save_checkpoint(
     rollouts: dict[int, Any] | None = None,
 ) -> Path:
     """Write step `step`: trainers (via `save_trainers(folder)`), orchestrator state, RNG and the
-    buffered rollouts of later steps (asynchronous mode), atomically."""
+    buffered rollouts of later steps (asynchronous mode), atomically.
+
+    The state file is written last: a folder holding it is complete. Re-saving a step that exists (the
+    step `latest` names, say) moves the old folder aside before the new one takes its name, and
+    `latest_checkpoint` finds whichever complete copy a crash between the two renames left."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step}"
-    tmp = root / f".tmp-step_{step}"
+    final, tmp, old = root / f"step_{step}", root / f".tmp-step_{step}", root / f".old-step_{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_trainers(tmp)
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     torch.save(rng_state(), tmp / RNG_FILE)
     if rollouts:
         torch.save(rollouts, tmp / ROLLOUTS_FILE)
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))  # last: the folder is complete from here on
     if final.exists():
-        shutil.rmtree(final)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
     os.replace(tmp, final)
     latest_tmp = root / ".latest.tmp"
     latest_tmp.write_text(final.name + "\n")
     os.replace(latest_tmp, root / "latest")
-    _prune(root, keep_last)
+    shutil.rmtree(old, ignore_errors=True)
+    _prune(root, keep_last, step)
     log.info("checkpoint saved: %s", final)
     return final
 
 
+def _complete(folder: Path) -> bool:
+    return (folder / STATE_FILE).is_file()
+
+
 def latest_checkpoint(root: Path) -> Path | None:
-    """The folder `latest` names, or None when there is no complete checkpoint."""
+    """The folder `latest` names, or None when there is no complete checkpoint. When a crash interrupted a
+    re-save of that step, its complete copy (the new one, else the old one) is put back under its name."""
     pointer = root / "latest"
     if not pointer.is_file():
         return None
-    folder = root / pointer.read_text().strip()
-    return folder if (folder / STATE_FILE).is_file() else None
+    name = pointer.read_text().strip()
+    folder = root / name
+    if _complete(folder):
+        return folder
+    for candidate in (root / f".tmp-{name}", root / f".old-{name}"):
+        if _complete(candidate):
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(candidate, folder)
+            log.warning("checkpoint %s was being re-saved when the job stopped; using its complete copy", folder)
+            return folder
+    return None
 
 
 def load_state(folder: Path) -> dict[str, Any]:
@@ -75,10 +94,14 @@ def load_rollouts(folder: Path) -> dict[int, Any]:
     return torch.load(path, weights_only=True) if path.is_file() else {}
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _prune(root: Path, keep_last: int, step: int) -> None:
+    """Keep the `keep_last` newest checkpoints up to `step` (the one just written always among them); steps after
+    it belong to a timeline the run went back from, and go."""
     steps = sorted(
         (p for p in root.glob("step_*") if p.is_dir() and p.name.removeprefix("step_").isdigit()),
         key=lambda p: int(p.name.removeprefix("step_")),
     )
-    for old in steps[:-keep_last]:
+    later = [p for p in steps if int(p.name.removeprefix("step_")) > step]
+    kept = [p for p in steps if p not in later]
+    for old in later + kept[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)

@@ -44,7 +44,7 @@ from rayrlhf.errors import InvalidInput
 from rayrlhf.models.forward import pack_batch
 from rayrlhf.models.loading import load_tokenizer
 from rayrlhf.models.tiny import resolve_model_path
-from rayrlhf.orchestrator.checkpoint import latest_checkpoint, load_state, save_checkpoint
+from rayrlhf.orchestrator.checkpoint import load_state, save_checkpoint
 from rayrlhf.orchestrator.metrics import MetricsWriter, progress
 
 log = logging.getLogger(__name__)
@@ -261,10 +261,9 @@ class OfflineTrainer:
                                self.cfg.checkpoint.keep_last)
 
     def _restore(self) -> int | None:
-        folder = latest_checkpoint(self.out / "checkpoints")
-        if folder is None:
-            log.warning("--resume: no checkpoint under %s; starting from scratch", self.out / "checkpoints")
-            return None
+        from rayrlhf.orchestrator.run_dir import claim_output_dir
+
+        folder = claim_output_dir(self.out, resume=True)  # a resume that cannot resume stops (exit 2), changing nothing
         state = load_state(folder)
         if (state.get("mini_batch_size"), state.get("steps_per_epoch")) != (self.mini, self.steps_per_epoch):
             log.warning("--resume: the checkpoint had %s rows per step and %s steps per epoch, this run %d and %d; "

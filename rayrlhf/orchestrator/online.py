@@ -36,7 +36,7 @@ from rayrlhf.actors.types import Completion, GenerationRequest, SamplingSpec
 from rayrlhf.algorithms import explained_variance, make_kl_controller, masked_mean
 from rayrlhf.config import ConfigError, JobConfig, to_yaml
 from rayrlhf.data.datasets import reward_columns
-from rayrlhf.errors import Preempted, TrainerFailed, WorkersLost
+from rayrlhf.errors import FailureBudgetExceeded, Preempted, TrainerFailed, WorkersLost
 from rayrlhf.models.forward import pack_batch
 from rayrlhf.orchestrator.checkpoint import latest_checkpoint, load_rollouts, load_state, save_checkpoint
 from rayrlhf.orchestrator.evaluation import evaluate
@@ -49,12 +49,14 @@ from rayrlhf.orchestrator.experience import (
     logprob_mismatch,
     shape_scores,
 )
-from rayrlhf.orchestrator.faults import FaultCounters
+from rayrlhf.orchestrator.faults import FailureBudget, FaultCounters
 from rayrlhf.orchestrator.metrics import MetricsWriter, progress
 from rayrlhf.orchestrator.pipeline import RolloutPipeline, staleness
 from rayrlhf.orchestrator.preflight import Checked, preflight
 from rayrlhf.orchestrator.rollout import stream_rollouts
-from rayrlhf.orchestrator.system import System, old_logprobs_mode
+from rayrlhf.orchestrator.run_dir import claim_output_dir
+from rayrlhf.orchestrator.samples import write_samples
+from rayrlhf.orchestrator.system import System, old_logprobs_mode, sampling_distorts
 from rayrlhf.orchestrator.telemetry import Telemetry
 from rayrlhf.rng import rng_state, set_rng_state
 
@@ -113,6 +115,11 @@ class OnlineRL:
             self.first_length: float | None = None  # response length at step 1, for the drift figure
             self.pipeline = RolloutPipeline()
             self.trainer_failures = 0
+            self.budget = FailureBudget(cfg.faults.max_failed_frac, cfg.faults.failure_window)
+            # Sampled tokens show the engine/trainer mismatch only on-policy with unprocessed sampling; otherwise a
+            # probe after each verified sync does (System.probe_mismatch).
+            self.comparable_logprobs = cfg.schedule.max_staleness == 0 and not sampling_distorts(cfg)
+            self._lost: WorkersLost | None = None  # set when a step's sync found no worker after its update
             self._data_before: dict[int, dict[str, int]] = {}  # data position before each launched step's prompts
             self._initial = (self._state(), rng_state())  # where a rebuild without any checkpoint goes back to
             resume_step = self._restore() if resume else None
@@ -157,20 +164,32 @@ class OnlineRL:
             self.telemetry.close()
 
     def _step(self, stop: _StopOnSigterm, bar: Any) -> None:
-        """One training step, its evaluation when due, its metrics row, and its checkpoint when due."""
+        """One training step, its evaluation when due, its metrics row, and its checkpoint when due. When the
+        step's update ran but its weight sync found no worker, the row is written and the job stops after a
+        checkpoint of this step; past the failure budget likewise."""
         cfg = self.cfg
+        self._lost = None
         row = self.train_step()
         every, last = cfg.schedule.eval_every, self.step == cfg.schedule.steps
-        if self.eval_data is not None and ((every and self.step % every == 0) or last):
-            row.update(self._evaluate())
+        if self._lost is None and self.eval_data is not None and ((every and self.step % every == 0) or last):
+            try:
+                row.update(self._evaluate())
+            except WorkersLost as exc:  # the step itself is done: its row is kept
+                self._lost = exc
+        self.system.count_function_restarts()
         row.update(self.faults.row())
         self.metrics.write(row)
         self.telemetry.record(row)
         self._report(bar, row)
+        if self._lost is not None:
+            raise self._lost  # the loop checkpoints this step (its update ran) and stops
+        over = self.budget.over(row)
         due = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
         preempted = stop.requested and self.step < cfg.schedule.steps
-        if due or preempted:
+        if due or preempted or over:
             folder = self.save()
+            if over:
+                raise FailureBudgetExceeded(f"{over}. Stopping: checkpoint {folder}; fix the cause, then continue with --resume")
             if preempted:
                 raise Preempted(self.step, str(folder))
 
@@ -197,6 +216,11 @@ class OnlineRL:
             exp.get("ref_logp"), exp.get("values"), kl_coef,
         )
 
+        every = cfg.rollout.dump_every
+        if every and self.step % every == 0:
+            write_samples(self.out / "samples", self.step, exp, adv.advantages, exp["mask"], self.tokenizer,
+                          [self.data.rows[i]["prompt"] for i in exp["rows"]])
+
         # 4. policy (and critic) updates
         t0 = time.monotonic()
         self._updated = True
@@ -204,24 +228,29 @@ class OnlineRL:
         train_s = time.monotonic() - t0
 
         # 5. weight sync to every rollout worker, once no rollout is in flight
-        wait_s += self.pipeline.wait_all()
         t0 = time.monotonic()
         self.weight_version += 1
         every = cfg.schedule.verify_sync_every
         verify = every and (self.weight_version == 1 or self.weight_version % every == 0)
-        self.system.sync_weights(self.weight_version, verify=bool(verify))
+        try:
+            wait_s += self.pipeline.wait_all()
+            t0 = time.monotonic()
+            self.system.sync_weights(self.weight_version, verify=bool(verify))
+        except WorkersLost as exc:  # the update ran: this step is kept, and the job stops after its row
+            self._lost = exc
         sync_s = time.monotonic() - t0
 
         self.kl_ctl.update(*controller_kl(adv.kl, exp["mask"], exp["valid"]))
         row = self._metrics_row(exp, adv, kl_coef, train_metrics, timings, rollout_s, train_s, sync_s, t_step)
         row["timing/rollout_wait_s"] = wait_s
+        if not self.comparable_logprobs and verify and self._lost is None:  # engine vs trainer on fresh weights
+            row.update(self.system.probe_mismatch(*exp["probe"]))
         return row
 
     # -------------------------------------------------------------------------------- helpers
     def _launch_rollouts(self) -> None:
         """Launch the rollouts of every step up to step + 1 + max_staleness not launched yet."""
         last = min(self.step + 1 + self.cfg.schedule.max_staleness, self.cfg.schedule.steps)
-        on_policy = self.cfg.schedule.max_staleness == 0
         for step in range(max([self.step, *self.pipeline.launched]) + 1, last + 1):
             self._data_before = {s: v for s, v in self._data_before.items() if s > self.step} | {step: self.data.state_dict()}
             indices = self.data.next_batch(self.cfg.schedule.prompts_per_step)  # here, in step order: resumable
@@ -231,14 +260,14 @@ class OnlineRL:
 
             def score(batch: list[Completion], indices=indices, position=position, trainer_side=trainer_side):
                 positions = [position[c.request_id] for c in batch]
-                return {**self.system.score(batch, self._columns(batch, [indices[p] for p in positions]), trainer_side),
-                        "positions": positions}  # each completion's prompt position in the step, for _assemble
+                rows = [indices[p] for p in positions]
+                return {**self.system.score(batch, self._columns(batch, rows), trainer_side),
+                        "positions": positions, "rows": rows}  # each completion's place in the step and in the data
 
-            # On-policy, a restarted worker gets the weights this rollout samples with and serves at once;
-            # asynchronous, the trainers are ahead of those weights: it waits for the next sync.
-            rejoin = self.system.rejoin_worker if on_policy else None
-            self.pipeline.launch(step, lambda requests=requests, score=score, step=step, rejoin=rejoin: stream_rollouts(
-                self.system.pool, requests, score, self.cfg.rollout.micro_batch_size, rejoin=rejoin,
+            # A restarted worker gets the weights this rollout samples with (from the trainers on-policy, from the
+            # last sync's kept buckets in asynchronous mode), verified, and serves at once.
+            self.pipeline.launch(step, lambda requests=requests, score=score, step=step: stream_rollouts(
+                self.system.pool, requests, score, self.cfg.rollout.micro_batch_size, rejoin=self.system.rejoin_worker,
                 label=f"the rollout of step {step}"))
 
     def _request(self, step: int, position: int, index: int) -> GenerationRequest:
@@ -266,7 +295,7 @@ class OnlineRL:
                 n = len(c.response_ids)
                 per_token = {k: res[k][i, :n] for k in ("ref_logp", "logp", "entropy", "values") if res.get(k) is not None}
                 per_token["sample_logp"] = torch.tensor(c.logprobs, dtype=torch.float32)
-                rows.append((res["positions"][i], c.sample_index, c, per_token, res["scores"][i]))
+                rows.append((res["positions"][i], c.sample_index, c, per_token, res["scores"][i], res["rows"][i]))
         rows.sort(key=lambda r: (r[0], r[1]))
         completions = [r[2] for r in rows]
         batch = pack_batch([c.prompt_ids for c in completions], [c.response_ids for c in completions], self.tokenizer.pad_token_id)
@@ -279,6 +308,8 @@ class OnlineRL:
         batch["truncated"] = torch.tensor([c.truncated for c in completions])
         batch["response_len"] = torch.tensor([len(c.response_ids) for c in completions], dtype=torch.float32)
         batch["versions"] = [c.weight_version for c in completions]
+        batch["probe"] = (completions[0].prompt_ids, completions[0].response_ids)  # for probe_mismatch
+        batch["completions"], batch["positions"], batch["rows"] = completions, [r[0] for r in rows], [r[5] for r in rows]
         return batch
 
     def _update(self, exp: dict[str, Any], adv: Any) -> dict[str, float]:
@@ -327,7 +358,7 @@ class OnlineRL:
                     sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1
         out = {k: v / count for k, v in sums.items() if k != "policy/logprob_mismatch"}
-        if "logp" not in exp and count:  # no scoring forward: the update's first forward measures it
+        if "logp" not in exp and count and self.comparable_logprobs:  # no scoring forward: the update's first one
             out["rollout/logprob_mismatch"] = first_mismatch
         return out
 
@@ -354,7 +385,7 @@ class OnlineRL:
             "rollout/backend": self.cfg.rollout.backend,
             "rollout/min_weight_version": min(exp["versions"]),
             **staleness(self.step, exp["versions"]),
-            **(logprob_mismatch(exp["sample_logp"], exp["logp"], exp["mask"]) if "logp" in exp else {}),
+            **(self._sampled_gap(exp) if "logp" in exp else {}),
             "advantages/mean": float(masked_mean(adv.advantages, mask)),
             "throughput/tokens_per_s": tokens / max(rollout_s, 1e-9),
             "timing/step_s": time.monotonic() - t_step,
@@ -371,6 +402,15 @@ class OnlineRL:
             row["policy/entropy"] = float(masked_mean(exp["entropy"], mask))
         row.update(train)
         return row
+
+    def _sampled_gap(self, exp: dict[str, Any]) -> dict[str, float]:
+        """The engine's sampling log-probs against the trainer's on the sampled tokens: the engine/trainer
+        mismatch when the two are comparable (on-policy, unprocessed sampling); else the distance of the
+        behaviour distribution (stale weights, processed sampling) from the policy being trained."""
+        gap = logprob_mismatch(exp["sample_logp"], exp["logp"], exp["mask"])
+        if self.comparable_logprobs:
+            return gap
+        return {"rollout/behaviour_kl": gap["rollout/logprob_mismatch"], "rollout/behaviour_max_diff": gap["rollout/logprob_max_diff"]}
 
     def _evaluate(self) -> dict[str, float]:
         assert self.eval_data is not None
@@ -416,43 +456,53 @@ class OnlineRL:
 
     # ------------------------------------------------------------------------------ faults
     def _rebuild_trainers(self, exc: TrainerFailed) -> None:
-        """A rank died or hung: rebuild the trainer groups, go back to the latest checkpoint (or the start)."""
-        self.trainer_failures += 1
+        """A rank died or hung: rebuild the trainer groups, go back to the latest checkpoint (or the start). A rank
+        failing again during the rebuild counts as one more failure, within faults.trainer_restarts."""
         limit = self.cfg.faults.trainer_restarts
-        if self.trainer_failures > limit:
-            raise TrainerFailed(f"{exc} -- the trainer groups were already rebuilt {limit} time(s) (faults.trainer_restarts)") from exc
-        self.faults.add("trainer_restarts")
-        folder = latest_checkpoint(self.out / "checkpoints")
-        log.error("%s; rebuilding the trainer groups from %s (rebuild %d of at most %d)", exc,
-                  folder or "the initial weights (no checkpoint yet)", self.trainer_failures, limit)
-        self.pipeline.discard()  # batches in flight belong to the abandoned timeline
-        self.system.restart_trainers()
-        if folder is None:
-            state, rng = self._initial
-            set_rng_state(rng)
-            self._apply(state, {}, None)
-        else:
-            self._apply(load_state(folder), load_rollouts(folder), folder)
+        while True:
+            self.trainer_failures += 1
+            if self.trainer_failures > limit:
+                raise TrainerFailed(f"{exc} -- the trainer groups were already rebuilt {limit} time(s) "
+                                    "(faults.trainer_restarts)") from exc
+            self.faults.add("trainer_restarts")
+            folder = latest_checkpoint(self.out / "checkpoints")
+            log.error("%s; rebuilding the trainer groups from %s (rebuild %d of at most %d)", exc,
+                      folder or "the initial weights (no checkpoint yet)", self.trainer_failures, limit)
+            self.pipeline.discard()  # batches in flight belong to the abandoned timeline
+            try:
+                self.system.restart_trainers()
+                if folder is None:
+                    state, rng = self._initial
+                    set_rng_state(rng)
+                    self._apply(state, {}, None)
+                else:
+                    self._apply(load_state(folder), load_rollouts(folder), folder)
+                break
+            except TrainerFailed as again:
+                exc = again
         self.metrics.truncate(self.step)
         log.warning("trainer groups rebuilt; continuing from step %d", self.step)
 
     def _stop_without_workers(self, exc: WorkersLost) -> None:
-        """No rollout worker is left: checkpoint the last step boundary when it is intact, and stop."""
-        if not self._updated:  # the step failed before its update: the trainers are as the previous step left them
+        """No rollout worker is left: checkpoint this step boundary and stop.
+
+        Before the step's update, the step is given back (its prompts return to the data) and the previous
+        boundary is saved. After it, this step is kept: the checkpoint holds its trainers, and the batches of
+        later steps that finished (asynchronous mode) with the prompts of the rest given back."""
+        if not self._updated:  # the trainers are as the previous step left them
             failed = self.step
             self.step -= 1
             self.pipeline.discard()
             folder = self.save(data_state=self._data_before[failed], rollouts={})
         else:
-            folder = latest_checkpoint(self.out / "checkpoints")
-        where = f"checkpoint {folder}; continue with --resume" if folder else "no checkpoint to resume from"
-        raise WorkersLost(f"{exc}. Stopping: {where} once rollout workers can start again") from exc
+            saved, first_failed = self.pipeline.salvage()
+            data_state = self._data_before[first_failed] if first_failed is not None else None
+            folder = self.save(data_state=data_state, rollouts=saved)
+        raise WorkersLost(f"{exc}. Stopping: checkpoint {folder}; continue with --resume once rollout workers can start "
+                          "again") from exc
 
     def _restore(self) -> int | None:
-        folder = latest_checkpoint(self.out / "checkpoints")
-        if folder is None:
-            log.warning("--resume: no checkpoint under %s; starting from scratch", self.out / "checkpoints")
-            return None
+        folder = claim_output_dir(self.out, resume=True)  # a resume that cannot resume stops (exit 2), changing nothing
         state = load_state(folder)
         saved_k = int(state.get("max_staleness", 0))
         if saved_k != self.cfg.schedule.max_staleness:

@@ -82,8 +82,27 @@ class RolloutPipeline:
         step boundary, when nothing is in flight."""
         if any(not f.done() for f in self._batches.values()):
             raise RuntimeError("a checkpoint needs every launched batch finished (call wait_all first)")
+        return self._saved(self._batches)
+
+    def salvage(self) -> tuple[dict[int, Any], int | None]:
+        """After a rollout failed: wait for every launched batch to end; return the finished batches before the
+        first failed one (as `state_dict` does) and that step (None when none failed). Everything is forgotten:
+        the prompts of the failed batch and of those after it go back to the data."""
+        first_failed = None
+        for step in sorted(self._batches):
+            try:
+                self._batches[step].result()
+            except Exception:  # noqa: BLE001 - the failure itself was raised to the loop already
+                first_failed = step if first_failed is None else first_failed
+        kept = {s: f for s, f in self._batches.items() if first_failed is None or s < first_failed}
+        saved = self._saved(kept)
+        self._batches.clear()
+        return saved, first_failed
+
+    @staticmethod
+    def _saved(batches: dict[int, Future]) -> dict[int, Any]:
         out = {}
-        for step, future in self._batches.items():
+        for step, future in batches.items():
             scored, timings = future.result()
             out[step] = {
                 "chunks": [{"completions": [asdict(c) for c in batch], "result": result} for batch, result in scored],

@@ -143,7 +143,8 @@ def plan_actors(cfg: JobConfig) -> ActorPlan:
         engine = f"vLLM on {device}" + (f", tensor parallel {tp} (one process per rank)" if tp > 1 else "")
         verify = (f"per-shard checksums over {tp} ranks" if tp > 1 else "whole-tensor checksums") + (
             "" if rollout_gpu else ", CPU kernels read back")
-    actors = [ActorSpec(f"rollout-{i}", "rollout", r.num_cpus, r.num_gpus, f"{engine}; {verify}")
+    where = f"; placed {r.placement}" + (f" on {dict(r.resources)}" if r.resources else "")
+    actors = [ActorSpec(f"rollout-{i}", "rollout", r.num_cpus, r.num_gpus, f"{engine}; {verify}{where}")
               for i in range(r.num_workers)]
 
     roles = [("policy", cfg.trainer.policy)]
@@ -153,7 +154,8 @@ def plan_actors(cfg: JobConfig) -> ActorPlan:
         if 0 < rc.num_gpus < 1 or rc.num_gpus != int(rc.num_gpus):
             problems.append(f"trainer.{role}.num_gpus = {rc.num_gpus:g}: a rank needs whole GPUs "
                             "(ranks of one NCCL group cannot share a GPU)")
-        path = _trainer_path(cfg, role, _gpu(rc.num_gpus), rc.num_ranks)
+        path = _trainer_path(cfg, role, _gpu(rc.num_gpus), rc.num_ranks) + f"; placement group {rc.placement}" + (
+            f" on {dict(rc.resources)}" if rc.resources else "")
         actors += [ActorSpec(f"{role}-{i}", role, rc.num_cpus, rc.num_gpus, path) for i in range(rc.num_ranks)]
 
     if cfg.algorithm.needs_reference:  # no KL (kl_coef 0, fixed controller): no reference to run

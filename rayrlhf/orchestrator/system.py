@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,25 @@ from rayrlhf.actors.rollout import create_rollout_workers
 from rayrlhf.actors.scorers import RemoteReferenceServer, RemoteRewardServer
 from rayrlhf.actors.trainer_group import TrainerGroup
 from rayrlhf.actors.types import Completion
-from rayrlhf.actors.weight_sync import broadcast_weights, verify_weights
+from rayrlhf.actors.weight_sync import SyncResult, broadcast_weights, push_buckets, verify_weights
+from rayrlhf.actors.weights import bucket_checksums
 from rayrlhf.config import JobConfig
-from rayrlhf.errors import TrainerFailed, WorkersLost
+from rayrlhf.errors import WorkersLost
 from rayrlhf.models.forward import pack_batch
 from rayrlhf.models.loading import resolve_dtype
-from rayrlhf.orchestrator.faults import FaultCounters, WorkerPool, dump_hang, wait_restarted
+from rayrlhf.orchestrator.faults import FaultCounters, FaultPolicy, Restartable, ServerCaller
 from rayrlhf.orchestrator.preflight import Checked
+from rayrlhf.orchestrator.workers import WorkerPool
+
+
+def sampling_distorts(cfg: JobConfig) -> bool:
+    """Whether the engines' log-probs are of a processed distribution (min_new_tokens masks the end token,
+    top-p/top-k renormalise over the kept tokens), not of the policy's log_softmax(logits / T).
+
+    They are still the right behaviour density for importance weights (the samples were drawn from it),
+    but not the policy π: the KL to the reference and the engine/trainer mismatch need the trainer's."""
+    r = cfg.rollout
+    return r.min_new_tokens > 0 or r.top_p < 1.0 or r.top_k > 0
 
 
 def old_logprobs_mode(cfg: JobConfig) -> str:
@@ -31,10 +44,11 @@ def old_logprobs_mode(cfg: JobConfig) -> str:
     mode = cfg.algorithm.old_logprobs
     one_update = cfg.algorithm.ppo_epochs == 1 and (cfg.trainer.mini_batch_size or cfg.samples_per_step) >= cfg.samples_per_step
     if mode == "auto":
-        # Asynchronous with the KL as a reward: the penalty is measured under the weights being
-        # trained (a forward), not under the stale ones that sampled.
-        stale_kl = cfg.schedule.max_staleness > 0 and cfg.algorithm.kl_as_reward and cfg.algorithm.needs_reference
-        return "current" if one_update and not stale_kl else "recompute"
+        # The KL as a reward is paid before the update, so π must be known then: a forward under the weights
+        # being trained when the engine's log-probs are not π's (asynchronous: stale; processed sampling).
+        kl_reward = cfg.algorithm.kl_as_reward and cfg.algorithm.needs_reference
+        needs_pi = kl_reward and (cfg.schedule.max_staleness > 0 or sampling_distorts(cfg))
+        return "current" if one_update and not needs_pi else "recompute"
     return mode
 
 log = logging.getLogger(__name__)
@@ -61,8 +75,16 @@ class System:
         self.cfg, self.plan, self.checked = cfg, checked.plan, checked
         self.faults = faults or FaultCounters()
         self.fault_dir = Path(cfg.output_dir) / "faults"
-        self._idents: dict[str, tuple[str, int]] = {}
+        self.fault_policy = FaultPolicy(cfg.faults, self.fault_dir, self.faults, cfg.rollout.max_new_tokens)
+        self.callers: dict[str, ServerCaller] = {}
         self.synced_version = 0  # the weight version the workers in service hold
+        # Asynchronous mode: the buckets of the last sync stay in the object store, so a worker that restarts
+        # mid-rollout gets the weights that rollout samples with although the trainers have moved on.
+        self.retain_weights = cfg.faults.keep_synced_weights if cfg.faults.keep_synced_weights is not None else (
+            cfg.schedule.max_staleness > 0 and cfg.servers.weight_sync_backend == "object_store")
+        self._retained: tuple[int, dict[str, str], list[Any]] | None = None  # (version, aliases, bucket refs)
+        self._rejoin_lock = threading.Lock()
+        self._fn_restarts: dict[str, tuple[int, int]] = {}  # reward server -> (incarnation, restarts seen)
         self.policy_path = checked.policy
         self.tokenizer = checked.tokenizer
         self.recompute_old_logp = old_logprobs_mode(cfg) == "recompute"
@@ -119,12 +141,9 @@ class System:
         self._start_trainers()
         ray.get([r.ready.remote() for r in self.servers])
         ray.get([w.ready.remote() for w in self.rollout_workers])
-        for name, actor in self._server_names().items():
-            self._idents[name] = tuple(ray.get(actor.identity.remote()))
-        f = cfg.faults
-        self.pool = WorkerPool(self.rollout_workers, self.faults, self.fault_dir,
-                               hang_timeout_s=f.generation_timeout_s + f.generation_timeout_per_token_s * cfg.rollout.max_new_tokens,
-                               restart_timeout_s=f.restart_timeout_s, heartbeat_s=f.heartbeat_s)
+        self.callers = {name: ServerCaller(Restartable(name, actor, self.fault_policy))
+                        for name, actor in self._server_names().items()}
+        self.pool = WorkerPool(self.rollout_workers, self.fault_policy)
 
     def _start_trainers(self) -> None:
         cfg, f = self.cfg, self.cfg.faults
@@ -136,9 +155,8 @@ class System:
 
     def _dump_trainer(self, role: str, ranks: list[int]) -> None:
         group = self.policy if role == "policy" else self.critic
-        self.faults.add("hangs")
         for r in ranks:
-            dump_hang(f"{role}-{r}", tuple(group.idents[r]), self.fault_dir, self.faults)
+            self.fault_policy.hung(f"{role}-{r}", tuple(group.idents[r]))
 
     def restart_trainers(self) -> None:
         """A rank died or hung: a ZeRO world cannot take a new member, so every trainer group starts again
@@ -154,28 +172,9 @@ class System:
         named.update({spec.name: actor for spec, actor in zip(self.plan.of("reward"), self.rewards, strict=True)})
         return {k: v for k, v in named.items() if v is not None}
 
-    def _server_result(self, name: str, actor: Any, ref: Any, again: Callable[[], Any]) -> Any:
-        """The answer of a server call; a server that died or hung (faults.score_timeout_s) is restarted by
-        Ray and asked again (`again()` makes the same call), up to faults.max_restarts times."""
-        f = self.cfg.faults
-        for attempt in range(f.max_restarts + 1):
-            try:
-                return ray.get(ref, timeout=f.score_timeout_s)
-            except ray.exceptions.GetTimeoutError:
-                self.faults.add("hangs")
-                dump_hang(name, self._idents.get(name), self.fault_dir, self.faults)
-                ray.kill(actor, no_restart=False)
-                why = f"gave no answer within faults.score_timeout_s={f.score_timeout_s:.0f}s"
-            except ray.exceptions.RayActorError as exc:
-                why = f"died ({type(exc).__name__})"
-            if attempt == f.max_restarts:
-                raise RuntimeError(f"{name} {why}, after {f.max_restarts} restart(s) (faults.max_restarts)")
-            self.faults.add("server_restarts")
-            log.error("%s %s; it restarts, and the micro-batch is scored again", name, why)
-            wait_restarted(actor, f.restart_timeout_s)  # raises when it cannot restart
-            self._idents[name] = tuple(ray.get(actor.identity.remote()))
-            ref = again()
-        raise AssertionError("unreachable")
+    def _ask(self, name: str, make_call: Callable[[], Any]) -> Any:
+        """A server call's answer; a server that died or hung is restarted and asked again (faults.max_restarts)."""
+        return self.callers[name].call(make_call)
 
     # ------------------------------------------------------------------------------ scoring
     def score(
@@ -203,11 +202,11 @@ class System:
         def ask_reward() -> Any:
             return reward.score.remote(prompts, responses, columns, batch if self.cfg.model.reward else None)
 
-        ref_ref = ask_reference() if self.reference is not None else None
-        reward_ref = ask_reward()
-        out = self.trainer_outputs(batch) if trainer_side else {}
-        ref_logp = self._server_result("reference", self.reference, ref_ref, ask_reference) if ref_ref is not None else None
-        return {"ref_logp": ref_logp, "scores": self._server_result(reward_name, reward, reward_ref, ask_reward), **out}
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="server") as calls:  # both servers at once
+            ref_logp = calls.submit(self._ask, "reference", ask_reference) if self.reference is not None else None
+            scores = calls.submit(self._ask, reward_name, ask_reward)
+            out = self.trainer_outputs(batch) if trainer_side else {}
+            return {"ref_logp": ref_logp.result() if ref_logp is not None else None, "scores": scores.result(), **out}
 
     def trainer_outputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         """The trainers' view of finished samples under their current weights: the policy's log-probs
@@ -232,12 +231,11 @@ class System:
         turn = self._reward_turn % len(self.rewards)
         reward, reward_name = self.rewards[turn], self.plan.of("reward")[turn].name
         self._reward_turn += 1
-        calls = {"scores": (reward_name, reward, lambda: reward.score.remote(prompts, responses, columns,
-                                                                             batch if self.cfg.model.reward else None))}
+        out = {"scores": self._ask(reward_name, lambda: reward.score.remote(prompts, responses, columns,
+                                                                            batch if self.cfg.model.reward else None))}
         if self.eval_reward is not None:
-            calls["true_scores"] = ("eval-reward", self.eval_reward, lambda: self.eval_reward.score.remote(prompts, responses, columns))
-        refs = {k: again() for k, (_, _, again) in calls.items()}
-        return {k: self._server_result(name, actor, refs[k], again) for k, (name, actor, again) in calls.items()}
+            out["true_scores"] = self._ask("eval-reward", lambda: self.eval_reward.score.remote(prompts, responses, columns))
+        return out
 
     @property
     def servers(self) -> list[Any]:
@@ -257,8 +255,9 @@ class System:
         """Push the policy's weights as `version` into the workers in service and the restarted ones (which
         serve again once their weights are verified), or into workers `only`; optionally prove equality.
 
-        A worker that dies or hangs (faults.sync_timeout_s) during the sync leaves service and the sync
-        goes on without it; a failure while every worker answers is the trainer's (TrainerFailed)."""
+        A worker whose part fails or hangs (faults.sync_timeout_s) leaves service and the sync goes on without
+        it; a trainer rank that fails raises TrainerFailed. When no worker is left, restarted ones are waited for
+        (faults.restart_timeout_s), else WorkersLost."""
         pool, f = self.pool, self.cfg.faults
         with self._policy_lock:
             if only is None:
@@ -266,55 +265,112 @@ class System:
                 targets = sorted({*pool.live, *joining})
             else:
                 joining = targets = list(only)
-            while targets:
-                try:
-                    self._push(version, targets, verify or bool(joining), fresh_group=bool(joining))
+            while True:
+                if not targets:
+                    if only is not None:  # the worker that was rejoining failed again; it is restarting once more
+                        return
+                    joining = targets = pool.back(f.restart_timeout_s)
+                    if not targets:
+                        raise WorkersLost(f"no rollout worker is left to receive weight version {version} ({pool.describe()})")
+                result = self._push(version, targets, verify or bool(joining), fresh_group=bool(joining))
+                for k, (kind, why) in result.failed.items():
+                    pool.fail(targets[k], f"during the weight sync: {why}", kind)
+                for i in (targets[k] for k in result.synced):
+                    if i in joining:
+                        pool.rejoin(i)
+                done = {targets[k] for k in [*result.synced, *result.failed]}
+                targets = [i for i in targets if i not in done]  # not reached (a collective attempt broke): again
+                joining = [i for i in joining if i in targets]
+                if not targets and (result.synced or only is not None):
                     break
-                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
-                    bad = self._unresponsive(targets)
-                    if not bad:
-                        raise TrainerFailed(f"the weight sync failed while every rollout worker answers: {exc!r}") from exc
-                    for i in bad:
-                        pool.fail(i, f"during the weight sync: {exc!r}"[:300], kill=True,
-                                  hung=isinstance(exc, ray.exceptions.GetTimeoutError))
-                    targets = [i for i in targets if i not in bad]
-                    joining = [i for i in joining if i not in bad]
-            if not targets:
-                if only is not None:  # the worker that was rejoining failed again; it is restarting once more
-                    return
-                raise WorkersLost(f"no rollout worker is left to receive weight version {version} (lost for good: "
-                                  f"{sorted(pool.lost)}, still restarting: {pool.restarting})")
-            for i in joining:
-                pool.rejoin(i)
             self.synced_version = version
 
-    def _push(self, version: int, targets: list[int], verify: bool, fresh_group: bool) -> None:
+    def _push(self, version: int, targets: list[int], verify: bool, fresh_group: bool) -> SyncResult:
+        """One sync attempt to `targets`; the workers that failed it (by position in `targets`) are in the result."""
         workers = [self.pool.workers[i] for i in targets]
         if fresh_group:
             self.policy.reset_weight_group()
         timeout = self.cfg.faults.sync_timeout_s
-        broadcast_weights(self.policy, workers, version, self.cfg.servers.weight_sync_bucket_mb * 1024 * 1024,
-                          self.sync_dtype, self.cfg.servers.weight_sync_backend, timeout_s=timeout)
-        if verify:
-            verify_weights(self.policy, workers, self.sync_dtype, timeout_s=timeout)
+        result = broadcast_weights(self.policy, workers, version, self.cfg.servers.weight_sync_bucket_mb * 1024 * 1024,
+                                   self.sync_dtype, self.cfg.servers.weight_sync_backend, timeout_s=timeout,
+                                   retain=self.retain_weights)
+        if self.retain_weights and result.buckets is not None:
+            self._retained = (version, self.policy.weight_layout(self.sync_dtype)[1], result.buckets)
+        if verify and result.synced:
+            bad = verify_weights(self.policy, [workers[k] for k in result.synced], self.sync_dtype, timeout_s=timeout)
+            for k in sorted(bad, reverse=True):
+                result.failed[result.synced[k]] = bad[k]
+            result.synced = [k for k in result.synced if k not in result.failed]
+        return result
 
     def rejoin_worker(self, i: int) -> None:
-        """On-policy, mid-rollout: restarted worker i gets the weights the rollout samples with (the trainers
-        have not moved since the last sync), verified, and serves again."""
-        self.sync_weights(self.synced_version, verify=True, only=[i])
+        """Mid-rollout: restarted worker i gets the weights the rollout samples with, verified, and serves again.
 
-    def _unresponsive(self, targets: list[int], timeout_s: float = 30.0) -> list[int]:
-        """The workers among `targets` that are dead or do not answer a trivial call within `timeout_s`."""
-        refs = {self.pool.workers[i].weight_version.remote(): i for i in targets}
-        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
-        ok = set()
-        for ref in done:
+        On-policy the trainers still hold them (nothing trained since the last sync); in asynchronous mode
+        the trainers have moved on, and the buckets kept from the last sync are loaded instead."""
+        with self._rejoin_lock:
+            if i in self.pool.live:
+                return
+            if self.cfg.schedule.max_staleness == 0:
+                self.sync_weights(self.synced_version, verify=True, only=[i])
+                return
+            if self._retained is None or self._retained[0] != self.synced_version:
+                log.warning("%s is back; it rejoins at the next weight sync (no copy of weight version %d is kept: "
+                            "faults.keep_synced_weights)", self.pool.names[i], self.synced_version)
+                return
+            version, aliases, buckets = self._retained
+            worker, timeout = self.pool.workers[i], self.cfg.faults.sync_timeout_s
+            failed = push_buckets(buckets, aliases, [worker], version, timeout)
+            if not failed:
+                failed = verify_weights(self.policy, [worker], self.sync_dtype, timeout, expected_of=lambda keys: bucket_checksums(
+                    ray.get(buckets), self.policy.weight_layout(self.sync_dtype)[0], aliases, keys))
+            if failed:
+                kind, why = failed[0]
+                self.pool.fail(i, f"while rejoining: {why}", kind)
+                return
+            self.pool.rejoin(i)
+
+    def probe_mismatch(self, prompt_ids: list[int], response_ids: list[int]) -> dict[str, float]:
+        """Engine against trainer on the same weights and tokens, just after a sync: the log-probs of one
+        sequence (raw, temperature 1) from a worker in service and from the policy trainer. This is what
+        `rollout/logprob_mismatch` means where the sampled tokens cannot show it (stale samples, processed
+        sampling). Empty when no worker answers in time."""
+        from rayrlhf.actors.types import GenerationRequest, SamplingSpec
+        from rayrlhf.orchestrator.experience import logprob_mismatch
+        from rayrlhf.orchestrator.workers import collect
+
+        ids = list(prompt_ids) + list(response_ids)
+        request = GenerationRequest(f"probe-v{self.synced_version}", ids, SamplingSpec(
+            n=1, temperature=1.0, max_new_tokens=1, seed=0, prompt_logprobs=True))
+        workers = self.pool.in_service()
+        try:
+            [probe] = collect(workers[0], [request], timeout_s=self.cfg.faults.sync_timeout_s) if workers else [None]
+        except Exception as exc:  # noqa: BLE001 - a failed worker is found by the next rollout
+            log.warning("the engine/trainer probe failed (%r); no rollout/logprob_mismatch this step", exc)
+            return {}
+        if probe is None or probe.prompt_logprobs is None:
+            return {}
+        with self._policy_lock:
+            trainer = self.policy.forward_logprobs(pack_batch([ids[:1]], [ids[1:]], self.tokenizer.pad_token_id),
+                                                   temperature=1.0)["logp"]
+        engine = torch.tensor([probe.prompt_logprobs], dtype=torch.float32)
+        return logprob_mismatch(engine, trainer[:, : engine.shape[1]], torch.ones_like(engine))
+
+    def count_function_restarts(self) -> None:
+        """Add the reward-function child processes started again since the last call to faults/reward_restarts."""
+        for name, caller in self.callers.items():
+            if name == "reference":
+                continue
             try:
-                ray.get(ref)
-                ok.add(refs[ref])
-            except Exception:  # noqa: BLE001 - dead
-                pass
-        return [i for i in targets if i not in ok]
+                n = ray.get(caller.server.actor.function_restarts.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - a server that does not answer is handled by its next call
+                continue
+            incarnation, last = self._fn_restarts.get(name, (caller.server.incarnation, 0))
+            if incarnation != caller.server.incarnation:  # a new server process counts from 0
+                last = 0
+            if n > last:
+                self.faults.add("reward_restarts", n - last)
+            self._fn_restarts[name] = (caller.server.incarnation, n)
 
     # --------------------------------------------------------------------------- checkpoints
     def save_trainers(self, folder: Path) -> None:

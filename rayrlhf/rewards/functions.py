@@ -123,11 +123,14 @@ def _serve(spec: str, conn: Any) -> None:
 
 
 class FunctionRunner:
-    """A reward function run in a child process, so that a call that hangs can be stopped.
+    """A reward function run in a child process, so that a call that hangs can be stopped and a call that
+    kills its process costs only that call.
 
     Python threads cannot be killed: a timed-out call in a thread runs on forever and keeps its
     thread. Here a call that exceeds `timeout_s` kills the child process, which is started
-    again (loading the function anew) for the next call.
+    again (loading the function anew) for the next call. A child that dies during a call (a crash,
+    `os._exit`, the out-of-memory killer) is started again and the call made once more; dying on
+    the retry too, the call raises (the caller then scores the samples one by one).
     """
 
     def __init__(self, spec: str, timeout_s: float = 30.0, start_timeout_s: float = 120.0) -> None:
@@ -150,15 +153,30 @@ class FunctionRunner:
             self.close()
             raise InvalidInput(f"reward.function {self.spec!r}: {message}")
 
+    def _restart(self, why: str) -> None:
+        log.warning("reward function %s: %s; starting its process again", self.spec, why)
+        self.close()
+        self.restarts += 1
+        self._start()
+
     def __call__(self, prompts: list[str], responses: list[str], columns: dict[str, list]) -> list:
-        """One call; TimeoutError past `timeout_s` (the child is killed), RuntimeError when the function raised."""
-        self._conn.send((prompts, responses, columns))
-        if not self._conn.poll(self.timeout_s):
-            self.close()
-            self.restarts += 1
-            self._start()
+        """One call; TimeoutError past `timeout_s` (the child is killed), RuntimeError when the function raised
+        (or its process died twice on this call)."""
+        for attempt in (1, 2):
+            try:
+                self._conn.send((prompts, responses, columns))
+                answered = self._conn.poll(self.timeout_s)  # also True when the child died: recv then raises EOFError
+                if answered:
+                    ok, value = self._conn.recv()
+                    break
+            except (EOFError, BrokenPipeError, ConnectionResetError) as exc:  # the child died mid-call
+                code = self._proc.exitcode if self._proc is not None else None
+                self._restart(f"its process died during a call (exit code {code}, {type(exc).__name__})")
+                if attempt == 2:
+                    raise RuntimeError(f"the reward function's process died twice on this call (exit code {code})") from exc
+                continue
+            self._restart(f"no answer within {self.timeout_s:g}s")
             raise TimeoutError(f"no answer within {self.timeout_s:g}s")
-        ok, value = self._conn.recv()
         if not ok:
             raise RuntimeError(value)
         if len(value) != len(prompts):
@@ -168,6 +186,7 @@ class FunctionRunner:
     def close(self) -> None:
         if self._proc is not None and self._proc.is_alive():
             self._proc.kill()
+        if self._proc is not None:
             self._proc.join(timeout=5)
         self._conn.close()
 
