@@ -18,18 +18,23 @@ from rayrlhf.algorithms import (
     explained_variance,
     gae,
     group_advantages,
+    gspo_policy_loss,
     kl_estimate,
     make_kl_controller,
     masked_mean,
     masked_sum,
     masked_var,
     masked_whiten,
+    pass_at_k,
     ppo_policy_loss,
     reinforce_pp_advantages,
     reinforce_pp_returns,
     rloo_advantages,
+    sample_metrics,
+    sequence_importance_weights,
     sequence_logprob,
     sft_nll_loss,
+    soft_overlong_penalty,
     token_rewards,
     truncated_importance_weights,
     value_loss,
@@ -470,3 +475,134 @@ def test_kl_in_the_loss_pulls_the_policy_to_the_reference_except_k1(estimator: s
         assert true_kl[-1] < 0.2 * true_kl[0]
     else:
         assert true_kl[-1] > 0.8 * true_kl[0]  # only sampling noise moves it
+
+
+# ----------------------------------------------------------------------------- GSPO
+
+
+def gspo_case():
+    """Row 0: log-ratios 0.1, -0.3 -> s = exp(-0.1), A = +1 (inside the clip);
+    row 1: log-ratios 0.2, 0.1, 0.3 -> s = exp(0.2), A = +2 (above 1 + 0.1: clipped);
+    row 2: an empty response. Padding holds garbage log-probs."""
+    old = torch.full((3, 3), -1.0)
+    logp = old + t([[0.1, -0.3, 40.0], [0.2, 0.1, 0.3], [7.0, 7.0, 7.0]])
+    mask = t([[1, 1, 0], [1, 1, 1], [0, 0, 0]])
+    return logp.requires_grad_(), old, t([1.0, 2.0, 5.0]), mask
+
+
+S0, S1 = math.exp(-0.1), math.exp(0.2)
+
+
+def test_gspo_clips_the_length_normalised_sequence_ratio_by_hand():
+    logp, old, adv, mask = gspo_case()
+    loss, stats = gspo_policy_loss(logp, old, adv, mask, clip_eps=0.05, clip_eps_high=0.1)
+    # row 0: max(-1 * 0.9048, -1 * 0.95) = -0.9048; row 1: max(-2 * 1.2214, -2 * 1.1) = -2.2 (clipped)
+    assert loss.item() == pytest.approx((-S0 - 2.2) / 2, abs=1e-6)  # mean over the two rows with tokens
+    assert stats["clipfrac"].item() == pytest.approx(1 / 2)
+    assert stats["ratio_mean"].item() == pytest.approx((S0 + S1) / 2, abs=1e-6)
+    assert stats["ratio_max"].item() == pytest.approx(S1, abs=1e-6)
+    _, ppo_stats = ppo_policy_loss(logp, old, adv, mask)
+    assert stats["approx_kl"].item() == pytest.approx(ppo_stats["approx_kl"].item())  # the same token k3
+    loss.backward()
+    # d(-A s0)/dlogp_t = -A * s0 / |y_0| on row 0's tokens, over 2 rows; row 1 is clipped: no gradient
+    expected = t([[-S0 / 2 / 2, -S0 / 2 / 2, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(logp.grad, expected)
+
+
+def test_gspo_aggregation_modes_weight_each_sequence():
+    logp, old, adv, mask = gspo_case()
+    per_row = [-S0, -2.2]
+    token_mean, _ = gspo_policy_loss(logp, old, adv, mask, 0.05, 0.1, agg="token-mean")
+    assert token_mean.item() == pytest.approx((2 * per_row[0] + 3 * per_row[1]) / 5, abs=1e-6)
+    dr, _ = gspo_policy_loss(logp, old, adv, mask, 0.05, 0.1, agg="seq-mean-token-sum-norm", agg_constant=4.0)
+    assert dr.item() == pytest.approx((2 * per_row[0] + 3 * per_row[1]) / 4 / 3, abs=1e-6)  # over all 3 rows
+
+
+def test_gspo_a_sequence_is_kept_or_cut_whole_where_ppo_cuts_tokens():
+    """One token far off (ratio e^1) in a long response: PPO clips that token; GSPO's sequence ratio
+    exp(1/10) is within a wide clip, so the whole sequence keeps its gradient."""
+    old = torch.zeros(1, 10)
+    logp = old.clone()
+    logp[0, 0] = 1.0
+    logp.requires_grad_()
+    mask, adv = torch.ones(1, 10), t([1.0])
+    _, ppo_stats = ppo_policy_loss(logp, old, adv, mask, clip_eps=0.2)
+    assert ppo_stats["clipfrac"].item() == pytest.approx(0.1)
+    loss, stats = gspo_policy_loss(logp, old, adv, mask, clip_eps=0.2)
+    assert stats["clipfrac"].item() == 0.0
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.full((1, 10), -math.exp(0.1) / 10))
+
+
+def test_gspo_token_level_equals_gspo_with_sequence_advantages():
+    """GSPO-token has GSPO's value and, with advantages constant over a row, its gradient; [B, T] advantages
+    are read as their row means by the sequence variant."""
+    logp, old, adv, mask = gspo_case()
+    loss_seq, _ = gspo_policy_loss(logp, old, adv, mask, 0.05, 0.1)
+    (grad_seq,) = torch.autograd.grad(loss_seq, logp)
+    dense = adv.unsqueeze(1) * mask
+    loss_tok, stats_tok = gspo_policy_loss(logp, old, dense, mask, 0.05, 0.1, token_level=True)
+    (grad_tok,) = torch.autograd.grad(loss_tok, logp)
+    assert loss_tok.item() == pytest.approx(loss_seq.item(), abs=1e-6)
+    torch.testing.assert_close(grad_tok, grad_seq)
+    assert stats_tok["clipfrac"].item() == pytest.approx(3 / 5)  # per token: row 1's three tokens
+    loss_dense, _ = gspo_policy_loss(logp, old, dense, mask, 0.05, 0.1)
+    assert loss_dense.item() == pytest.approx(loss_seq.item(), abs=1e-6)
+
+
+def test_gspo_sequence_weights_scale_each_sequence():
+    logp, old, adv, mask = gspo_case()
+    loss, _ = gspo_policy_loss(logp, old, adv, mask, 0.05, 0.1, weights=t([0.5, 2.0, 9.0]))
+    assert loss.item() == pytest.approx((0.5 * -S0 + 2.0 * -2.2) / 2, abs=1e-6)
+    with pytest.raises(ValueError, match="clip ranges"):
+        gspo_policy_loss(logp, old, adv, mask, clip_eps=-0.1)
+
+
+def test_sequence_importance_weights_by_hand():
+    """min(exp(mean_t(log π_prox - log π_behaviour)), cap) per sequence; 0 for an empty row."""
+    behaviour = torch.zeros(3, 3)
+    prox = t([[0.2, 0.4, 9.0], [1.0, 1.2, 1.4], [3.0, 3.0, 3.0]])
+    mask = t([[1, 1, 0], [1, 1, 1], [0, 0, 0]])
+    weights, stats = sequence_importance_weights(prox, behaviour, mask, cap=2.0)
+    torch.testing.assert_close(weights, t([math.exp(0.3), 2.0, 0.0]))
+    assert stats["is_weight_mean"].item() == pytest.approx((math.exp(0.3) + 2.0) / 2, abs=1e-6)
+    assert stats["is_weight_max"].item() == pytest.approx(math.exp(1.2), rel=1e-6)  # before truncation
+    assert stats["is_clipped_frac"].item() == pytest.approx(1 / 2)
+    with pytest.raises(ValueError, match="cap"):
+        sequence_importance_weights(prox, behaviour, mask, cap=0.0)
+
+
+# ----------------------------------------------------------------------------- overlong, pass@k
+
+
+def test_soft_overlong_penalty_by_hand():
+    """L_max 10, L_cache 4, factor 0.5: free up to 6 tokens, then -0.125 per token down to -0.5 at 10 and after."""
+    lengths = t([3, 6, 7, 8, 10, 12])
+    torch.testing.assert_close(soft_overlong_penalty(lengths, 10, 4, 0.5), t([0.0, 0.0, -0.125, -0.25, -0.5, -0.5]))
+    torch.testing.assert_close(soft_overlong_penalty(lengths, 10, 0, 0.5), torch.zeros(6))
+    with pytest.raises(ValueError, match="cannot exceed"):
+        soft_overlong_penalty(lengths, 10, 11)
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert pass_at_k(5, 0, 3) == 0.0 and pass_at_k(5, 4, 2) == 1.0
+    for n in range(1, 12):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12)
+    with pytest.raises(ValueError, match="pass@6"):
+        pass_at_k(5, 1, 6)
+
+
+def test_sample_metrics_mean_and_pass_at_k_with_unscored_samples():
+    scores = [[1.0, 0.0, None, 1.0], [0.0, 0.0, 0.0, 0.0], [None, None, None, None]]
+    out = sample_metrics(scores, ks=[1, 2], threshold=1.0)
+    assert out["pass@1"] == pytest.approx(0.5 / 3)  # prompt 0: 2 of 4 correct (None is not correct)
+    assert out["pass@2"] == pytest.approx((1 - 1 / 6) / 3)
+    assert out["mean@4"] == pytest.approx((2 / 3 + 0.0) / 2)  # prompt 2 has no scored sample
+    assert out["prompts"] == 3.0
+    assert sample_metrics([[0.6, 0.4]], ks=[1], threshold=0.5)["pass@1"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="at least 3 samples"):
+        sample_metrics([[1.0, 0.0]], ks=[3], threshold=1.0)

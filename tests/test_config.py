@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rayrlhf.config import ConfigError, JobConfig, load_config, parse_override
+from rayrlhf.config import ConfigError, JobConfig, load_config, parse_override, to_yaml
 from rayrlhf.launch.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,10 @@ def test_bad_value_names_the_key(tmp_path: Path) -> None:
         (["algorithm.group_size=1"], r"grpo needs algorithm\.group_size >= 2"),
         (["algorithm.ptx_coef=27.8"], r"needs data\.pretrain"),
         (["reward.function=null"], r"exactly one reward source"),
-        (["model.reward=some/rm"], r"exactly one reward source: .*\(got 2\)"),
+        (["model.reward=some/rm"], r"exactly one reward source: .*\(got model\.reward and reward\.function\)"),
+        (["reward.functions=[{function: m:f}]"], r"\(got reward\.function and reward\.functions\)"),
+        (["algorithm.overlong_buffer=64"], r"overlong_buffer = 64 must be smaller than rollout\.max_new_tokens = 64"),
+        (["algorithm.policy_loss=gspo", "algorithm.name=reinforce_pp"], r"policy_loss=gspo .* use policy_loss gspo_token"),
         (["schedule.prompts_per_step=3", "trainer.mini_batch_size=8"], r"= 12 must be divisible by trainer\.mini_batch_size = 8"),
         (["trainer.policy.num_ranks=3"], r"must split evenly over trainer\.policy\.num_ranks = 3"),
         (["algorithm.name=ppo", "model.critic=x", "trainer.critic.num_ranks=5"], r"trainer\.critic\.num_ranks = 5"),
@@ -180,3 +183,90 @@ def test_credentials_in_the_reward_url_are_refused(url: str) -> None:
         load_config(None, ["data.train=p.jsonl", f"reward.url={url}"])
     assert load_config(None, ["data.train=p.jsonl", "reward.url=https://rm.example/score?model=v2",
                               "reward.auth_token_env=RM_TOKEN"]).reward.auth_token_env == "RM_TOKEN"
+
+
+def test_gspo_gets_its_own_clip_ranges_and_sequence_mean(caplog: pytest.LogCaptureFixture) -> None:
+    base = ["data.train=p.jsonl", "reward.function=m:f"]
+    ppo = load_config(None, base).algorithm
+    assert (ppo.policy_loss, ppo.clip_eps, ppo.clip_eps_high, ppo.loss_agg) == ("ppo", 0.2, None, "token-mean")
+    gspo = load_config(None, [*base, "algorithm.policy_loss=gspo"]).algorithm
+    assert (gspo.clip_eps, gspo.clip_eps_high, gspo.loss_agg) == (3e-4, 4e-4, "seq-mean-token-mean")
+    mine = load_config(None, [*base, "algorithm.policy_loss=gspo", "algorithm.clip_eps=1e-3", "algorithm.loss_agg=token-mean"])
+    assert (mine.algorithm.clip_eps, mine.algorithm.clip_eps_high, mine.algorithm.loss_agg) == (1e-3, None, "token-mean")
+    token = load_config(None, ["algorithm.name=ppo", "model.critic=tiny", *base, "algorithm.policy_loss=gspo_token"])
+    assert token.algorithm.loss_agg == "token-mean"  # GSPO-token: per-token advantages, per-token mean
+    assert load_config(None, [*base, "algorithm.name=rloo", "algorithm.policy_loss=gspo"]).algorithm.clip_eps == 3e-4
+    assert not [r for r in caplog.records if "GSPO" in r.getMessage()]
+    load_config(None, [*base, "algorithm.policy_loss=gspo", "algorithm.clip_eps=0.2"])  # a PPO-size range: warned
+    assert any("clip range of 0.2" in r.getMessage() and "3e-4" in r.getMessage() for r in caplog.records)
+    job = load_config(None, [*base, "algorithm.policy_loss=gspo"])
+    assert JobConfig.model_validate(yaml.safe_load(to_yaml(job))).algorithm == job.algorithm  # config.yaml reloads the same
+
+
+WEIGHTED = """\
+algorithm:
+  name: grpo
+  group_size: 4
+reward:
+  functions:
+    - function: rayrlhf.rewards.math:accuracy
+    - function: rayrlhf.rewards.math:format
+      weight: 0.1
+    - {function: my_rewards.py:format, weight: -0.5, name: format_strict}
+data:
+  train: prompts.jsonl
+"""
+
+
+def test_weighted_reward_functions(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, WEIGHTED))
+    parts = cfg.reward.functions
+    assert [(p.name, p.weight) for p in parts] == [("accuracy", 1.0), ("format", 0.1), ("format_strict", -0.5)]
+    assert cfg.reward.function is None
+    with pytest.raises(ConfigError, match=r"reward\.functions\[1\] and reward\.functions\[2\] are both named 'format'"):
+        load_config(write(tmp_path, WEIGHTED.replace(", name: format_strict", "")))
+    with pytest.raises(ConfigError, match=r"name 'mean' would collide with the metric reward/mean"):
+        load_config(write(tmp_path, WEIGHTED.replace("format_strict", "mean")))
+    with pytest.raises(ConfigError, match=r"name 'a/b': a metric name takes"):
+        load_config(write(tmp_path, WEIGHTED.replace("format_strict", "a/b")))
+    with pytest.raises(ConfigError, match=r"reward\.functions\.0\.wieght: unknown key"):
+        load_config(write(tmp_path, WEIGHTED), ["reward.functions=[{function: m:f, wieght: 2}]"])
+    with pytest.raises(ConfigError, match=r"reward\.functions\.0\.function: .*required"):
+        load_config(write(tmp_path, WEIGHTED), ["reward.functions=[{weight: 2}]"])
+    with pytest.raises(ConfigError, match=r"reward\.functions: .*at least 1 item"):
+        load_config(write(tmp_path, WEIGHTED), ["reward.functions=[]"])
+    with pytest.raises(ConfigError, match=r"reward\.functions\.0\.weight"):
+        load_config(write(tmp_path, WEIGHTED), ["reward.functions=[{function: m:f, weight: .inf}]"])
+
+
+def test_overlong_and_evaluation_sampling_keys(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GRPO), ["algorithm.overlong_filter=true", "algorithm.overlong_buffer=16",
+                                              "algorithm.overlong_penalty_factor=0.5"])
+    assert (cfg.algorithm.overlong_filter, cfg.algorithm.overlong_buffer, cfg.algorithm.overlong_penalty_factor) == (True, 16, 0.5)
+    s = load_config(write(tmp_path, GRPO)).schedule
+    assert (s.eval_samples, s.eval_pass_k, s.eval_max_new_tokens, s.eval_subset_seed) == (1, [1], None, None)
+    s = load_config(write(tmp_path, GRPO), ["schedule.eval_samples=8", "schedule.eval_pass_k=[8, 1, 4, 1]",
+                                            "schedule.eval_decoding=sampled", "schedule.eval_max_new_tokens=512"]).schedule
+    assert (s.eval_samples, s.eval_pass_k, s.eval_max_new_tokens) == (8, [1, 4, 8], 512)
+    with pytest.raises(ConfigError, match=r"eval_pass_k \[16\] exceed schedule\.eval_samples = 8"):
+        load_config(write(tmp_path, GRPO), ["schedule.eval_samples=8", "schedule.eval_pass_k=[1, 16]",
+                                            "schedule.eval_decoding=both"])
+    with pytest.raises(ConfigError, match=r"eval_samples = 4 with schedule\.eval_decoding=greedy"):
+        load_config(write(tmp_path, GRPO), ["schedule.eval_samples=4"])
+    with pytest.raises(ConfigError, match=r"schedule\.eval_pass_k\.0"):
+        load_config(write(tmp_path, GRPO), ["schedule.eval_pass_k=[0]"])
+
+
+def test_seeded_evaluation_subset_is_fixed_and_spread_over_the_file(tmp_path: Path) -> None:
+    from rayrlhf.orchestrator.evaluation import eval_max_new_tokens, eval_prompts
+
+    data = [None] * 100  # eval_prompts reads only the number of prompts
+    first = load_config(write(tmp_path, GRPO), ["schedule.eval_max_prompts=10"])
+    assert eval_prompts(data, first) == list(range(10))
+    seeded = load_config(write(tmp_path, GRPO), ["schedule.eval_max_prompts=10", "schedule.eval_subset_seed=3"])
+    picked = eval_prompts(data, seeded)
+    assert len(set(picked)) == 10 and picked == sorted(picked) and max(picked) >= 10 and picked == eval_prompts(data, seeded)
+    other = load_config(write(tmp_path, GRPO), ["schedule.eval_max_prompts=10", "schedule.eval_subset_seed=4"])
+    assert eval_prompts(data, other) != picked
+    assert eval_max_new_tokens(first) == 64
+    assert eval_max_new_tokens(load_config(write(tmp_path, GRPO), ["schedule.eval_max_new_tokens=9"])) == 9

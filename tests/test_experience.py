@@ -11,7 +11,8 @@ from rayrlhf.orchestrator.experience import compute_advantages, fill_invalid_wit
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
 
 
-def run(name: str, scores: list[float], valid: list[bool] | None = None, kl_coef: float = 0.0, **kw):
+def run(name: str, scores: list[float], valid: list[bool] | None = None, kl_coef: float = 0.0,
+        response_len: list[float] | None = None, max_new_tokens: int | None = None, **kw):
     cfg = AlgorithmConfig(name=name, group_size=2 if name in ("grpo", "rloo") else 1, **kw)
     return compute_advantages(
         cfg,
@@ -23,6 +24,8 @@ def run(name: str, scores: list[float], valid: list[bool] | None = None, kl_coef
         ref_logp=torch.full((4, 3), -1.5),
         values=torch.zeros(4, 3) if name == "ppo" else None,
         kl_coef=kl_coef,
+        response_len=None if response_len is None else torch.tensor(response_len),
+        max_new_tokens=max_new_tokens,
     )
 
 
@@ -103,3 +106,37 @@ def test_logprob_mismatch_is_zero_for_the_same_model_and_grows_with_a_gap() -> N
     assert logprob_mismatch(logp, logp, mask) == {"rollout/logprob_mismatch": 0.0, "rollout/logprob_max_diff": 0.0}
     off = logprob_mismatch(logp + torch.tensor([[0.1, 0.0, 5.0]]), logp, mask)  # padding differences do not count
     assert off["rollout/logprob_max_diff"] == pytest.approx(0.1) and 0 < off["rollout/logprob_mismatch"] < 0.01
+
+
+def test_overlong_filter_drops_truncated_samples_from_the_loss_but_not_from_the_baseline() -> None:
+    """Sample 3 is truncated: filtered, it trains on nothing, and its sibling keeps the advantage it has
+    without the filter (the group's mean and std still include the truncated score, as in DAPO)."""
+    plain = run("grpo", [1.0, 0.0, 2.0, 0.0])
+    filtered = run("grpo", [1.0, 0.0, 2.0, 0.0], overlong_filter=True)
+    torch.testing.assert_close(filtered.advantages[:3], plain.advantages[:3])
+    assert plain.advantages[3, 0].item() == pytest.approx(-0.7071, abs=1e-3) and (filtered.advantages[3] == 0).all()
+    torch.testing.assert_close(filtered.loss_mask, MASK * torch.tensor([1.0, 1.0, 1.0, 0.0]).unsqueeze(1))
+    torch.testing.assert_close(plain.loss_mask, MASK)
+    unscored = run("grpo", [1.0, 0.0, 2.0, 0.0], valid=[True, False, True, True], overlong_filter=True)
+    assert (unscored.loss_mask[1] == 0).all() and (unscored.loss_mask[3] == 0).all()
+
+
+def test_overlong_filter_whitens_ppo_advantages_over_the_tokens_that_train() -> None:
+    out = run("ppo", [1.0, 2.0, 3.0, 4.0], overlong_filter=True)
+    assert (out.advantages[3] == 0).all()
+    kept = out.loss_mask != 0
+    assert out.advantages[kept].mean().abs() < 1e-5 and (out.advantages[kept].std() - 1).abs() < 1e-4
+
+
+def test_soft_overlong_penalty_lowers_the_scores_of_long_responses() -> None:
+    """max_new_tokens 3, buffer 2, factor 1: free up to 1 token, -0.5 at 2 tokens, -1 at 3 (lengths from the mask: 2, 3, 1, 2)."""
+    out = run("reinforce_pp", [1.0, 1.0, 1.0, 1.0], overlong_buffer=2, max_new_tokens=3)
+    assert out.scores.tolist() == pytest.approx([0.5, 0.0, 1.0, 0.5])
+    assert out.overlong_penalty.tolist() == pytest.approx([-0.5, -1.0, 0.0, -0.5])
+    both = run("reinforce_pp", [1.0, 1.0, 1.0, 1.0], valid=[True, True, False, True], overlong_buffer=2,
+               overlong_penalty_factor=0.5, overlong_penalty=0.25, response_len=[3, 3, 3, 1], max_new_tokens=3)
+    assert both.scores.tolist() == pytest.approx([0.5, 0.5, 0.0, 0.75])  # the hard penalty adds for truncated sample 3
+    assert both.overlong_penalty.tolist() == pytest.approx([-0.5, -0.5, 0.0, 0.0])  # an unscored sample pays nothing
+    assert run("reinforce_pp", [1.0] * 4).overlong_penalty.tolist() == [0.0] * 4  # disabled by default
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        run("reinforce_pp", [1.0] * 4, overlong_buffer=2)

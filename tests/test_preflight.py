@@ -34,11 +34,21 @@ def test_a_good_job_passes_and_hands_over_what_it_loaded(tmp_path: Path) -> None
     (["model.policy=/no/such/model"], "model.policy: cannot load a model config from '/no/such/model'"),
     (["data.train=/no/such/prompts.jsonl"], "/no/such/prompts.jsonl: data file does not exist"),
     (["data.eval=/no/such/eval.jsonl"], "/no/such/eval.jsonl: data file does not exist"),
-    (["reward.eval_function=rayrlhf.rewards.tasks:nope"], "has no function 'nope'"),
+    (["reward.eval_function=rayrlhf.rewards.tasks:nope"], "reward.eval_function 'rayrlhf.rewards.tasks:nope': .*has no function"),
+    (["reward.function=null", "reward.functions=[{function: rayrlhf.rewards.tasks:sort_reward}, "
+      "{function: rayrlhf.rewards.tasks:nope}]"], r"reward\.functions\[1\]\.function 'rayrlhf\.rewards\.tasks:nope'"),
+    (["reward.function=null", "reward.functions=[{function: rayrlhf.rewards.tasks:sort_score}]"],
+     r"reward\.functions\[0\]\.function .* would arrive as keyword arguments"),
 ])
 def test_mistakes_are_named_before_any_actor(tmp_path: Path, overrides: list[str], message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
         preflight(cfg(tmp_path, *overrides))
+
+
+def test_weighted_reward_functions_that_fit_the_data_pass(tmp_path: Path) -> None:
+    checked = preflight(cfg(tmp_path, "reward.function=null", "reward.functions=[{function: rayrlhf.rewards.tasks:sort_reward}, "
+                            "{function: rayrlhf.rewards.tasks:alphabet_reward, weight: 0.1}]"))
+    assert len(checked.train) == 2000
 
 
 def test_a_reward_function_missing_a_column_is_named(tmp_path: Path) -> None:

@@ -244,3 +244,141 @@ def test_a_reward_model_with_another_tokenizer_scores_its_own_tokens(tiny_model:
     assert scores == pytest.approx(expected.tolist(), abs=1e-5)
     same = RewardServer(model_path=str(tiny_model), dtype="float32", policy_tokenizer=str(tiny_model))
     assert same.tokenizer is None  # same tokenizer: the policy's tokens are scored as they are
+
+
+# ----------------------------------------------------------------------------- weighted functions
+
+
+def test_weighted_sum_is_unscored_when_a_weighted_part_is_missing() -> None:
+    from rayrlhf.rewards.combine import weighted_sum
+
+    parts = {"a": [1.0, None, 2.0, 1.0], "b": [0.5, 1.0, None, 0.0], "log": [None, 3.0, 4.0, 9.0]}
+    weights = {"a": 1.0, "b": -2.0, "log": 0.0}
+    assert weighted_sum(parts, weights) == [0.0, None, None, 1.0]  # a weight-0 part is only logged
+    with pytest.raises(ValueError, match="different numbers of scores"):
+        weighted_sum({"a": [1.0], "b": [1.0, 2.0]}, {"a": 1.0, "b": 1.0})
+    with pytest.raises(ValueError, match="name different functions"):
+        weighted_sum({"a": [1.0]}, {"b": 1.0})
+
+
+def test_reward_server_scores_weighted_functions_each_in_its_own_process(flaky_file: Path) -> None:
+    from rayrlhf.actors.scorers import RewardServer
+
+    server = RewardServer(functions=[
+        {"function": "rayrlhf.rewards.tasks:sort_reward", "weight": 2.0, "name": "sort"},
+        {"function": f"{flaky_file}:reward", "weight": 0.5, "name": "exact"},
+    ], timeout_s=20)
+    try:
+        pids = {runner._proc.pid for _, runner in server.parts.values()}
+        assert len(pids) == 2
+        responses, answer = ["abc", "boom", "abx", "skip"], ["abc", "abc", "abc", "abc"]
+        combined, parts = server.score_parts(["p"] * 4, responses, {"answer": answer})
+        sort = [sort_score(r, a) for r, a in zip(responses, answer)]
+        assert parts == {"sort": pytest.approx(sort), "exact": [1.0, None, 0.0, None]}
+        assert combined == pytest.approx([2.0 * sort[0] + 0.5, None, 2.0 * sort[2], None])
+        assert server.score(["p"], ["abc"], {"answer": ["abc"]}) == [2.5]  # score: the combined list, as before
+    finally:
+        for _, runner in server.parts.values():
+            runner.close()
+    single = RewardServer(function="rayrlhf.rewards.tasks:sort_reward")
+    try:
+        assert single.score_parts(["p"], ["abc"], {"answer": ["abc"]}) == ([1.0], {})  # one function: no parts
+    finally:
+        single.fn.close()
+    with pytest.raises(InvalidInput, match="has no function 'nope'"):
+        RewardServer(functions=[{"function": "rayrlhf.rewards.tasks:sort_reward"},
+                                {"function": "rayrlhf.rewards.tasks:nope"}])
+
+
+def test_errors_name_the_key_of_the_function() -> None:
+    with pytest.raises(InvalidInput, match=r"reward\.functions\[1\]\.function 'rayrlhf\.rewards\.tasks:nope'"):
+        check_reward_function("rayrlhf.rewards.tasks:nope", ["answer"], key="reward.functions[1].function")
+
+
+# ----------------------------------------------------------------------------- verifiable math reward
+
+MATH_CASES = [  # (response, gold answer, expected score)
+    ("so x = 1/2, i.e. \\boxed{\\frac{1}{2}}", "0.5", 1.0),
+    ("\\boxed{0.5}", "\\frac{1}{2}", 1.0),
+    ("\\boxed{\\dfrac{2}{4}}", "$\\frac12$", 1.0),
+    ("The roots are \\boxed{\\{3, -1\\}}.", "\\{-1, 3\\}", 1.0),
+    ("\\boxed{\\{3, 1\\}}", "\\{-1, 3\\}", 0.0),
+    ("\\boxed{(x+1)^2}", "x^2 + 2x + 1", 1.0),
+    ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}", 1.0),
+    ("\\boxed{[1, 3]}", "[1, 3)", 0.0),
+    ("first \\boxed{7}, then corrected: \\boxed{8}", "8", 1.0),  # the last box is the answer
+    ("\\boxed{7}", "8", 0.0),
+    ("\\boxed{}", "8", 0.0),
+    ("After simplifying, the answer is $\\frac{3}{4}$.", "0.75", 1.0),  # fallback 2: the answer marker
+    ("Answer: 42", "42", 1.0),
+    ("we count 12 apples and 1,000 pears", "1000", 1.0),  # fallback 3: the last number
+    ("we count 12 apples and 1,000 pears", "12", 0.0),
+    ("I do not know.", "5", 0.0),
+    ("\\boxed{5}", "", None),  # a gold answer that does not parse: unscored
+    ("\\boxed{5}", "\\frac{", None),
+    ("\\boxed{" + "1+" * 800 + "1}", "1601", 0.0),  # longer than MAX_ANSWER_CHARS: not read
+]
+
+
+def test_math_accuracy_compares_final_answers_symbolically() -> None:
+    from rayrlhf.rewards.math import accuracy
+
+    responses = [r for r, _, _ in MATH_CASES]
+    golds = [g for _, g, _ in MATH_CASES]
+    assert accuracy([""] * len(MATH_CASES), responses, answer=golds, level=[1] * len(MATH_CASES)) == [
+        e for _, _, e in MATH_CASES
+    ]
+
+
+def test_math_answer_extraction_and_format_reward() -> None:
+    from rayrlhf.rewards.math import count_boxed, extract_answer, format
+
+    assert extract_answer("x \\boxed{\\{1, 2\\}} y") == ("\\{1, 2\\}", "boxed")  # escaped braces are text
+    assert extract_answer("\\fbox{\\frac{1}{2}}") == ("\\frac{1}{2}", "boxed")
+    assert extract_answer("\\boxed{3 and an unclosed \\boxed{4}") == ("4", "boxed")
+    assert extract_answer("The final answer is: 2x.\nThanks") == ("2x.", "marker")
+    assert extract_answer("no digits") is None
+    assert count_boxed("\\boxed{1} \\boxed{} \\boxed{\\frac{1}{2}}") == 2
+    responses = ["\\boxed{1}", "\\boxed{1} or \\boxed{2}", "1", "\\boxed{}", "\\boxed{\\boxed{1}}"]
+    assert format(["p"] * 5, responses) == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert check_reward_function("rayrlhf.rewards.math:accuracy", ["answer", "level"])
+    assert check_reward_function("rayrlhf.rewards.math:format", ["answer"])
+    with pytest.raises(InvalidInput, match=r"needs the column\(s\) \['answer'\]"):
+        check_reward_function("rayrlhf.rewards.math:accuracy", ["solution"])
+
+
+def test_math_reward_bounds_the_time_of_each_sample() -> None:
+    """A tower of powers keeps sympy busy for minutes: it scores 0.0 after the per-sample bound, and the
+    next sample is scored normally (the timer and the signal handler are restored)."""
+    import signal
+
+    from rayrlhf.rewards import math as math_reward
+
+    handler = signal.getsignal(signal.SIGALRM)
+    start = time.monotonic()
+    out = math_reward.accuracy(["p", "p"], ["\\boxed{2^{2^{2^{2^{2^{100}}}}}}", "\\boxed{5}"], answer=["5", "5"])
+    assert out == [0.0, 1.0]
+    assert time.monotonic() - start < math_reward.ANSWER_TIMEOUT_S + 5
+    assert signal.getsignal(signal.SIGALRM) is handler and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    slow_gold = math_reward.score_answer("\\boxed{1}", "5", gold_timeout_s=1e-6)  # no time to parse the gold
+    assert slow_gold is None
+
+
+def test_math_reward_outside_the_main_thread_runs_without_a_signal() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rayrlhf.rewards.math import accuracy
+
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(accuracy, ["p"], ["\\boxed{\\frac{2}{4}}"], ["0.5"]).result() == [1.0]
+
+
+def test_math_reward_in_its_reward_process() -> None:
+    """The production path: the built-in function loaded by name in a FunctionRunner child."""
+    runner = FunctionRunner("rayrlhf.rewards.math:accuracy", timeout_s=60)
+    try:
+        scores = score_with_function(runner, ["p"] * 3, ["\\boxed{\\frac{1}{3}}", "\\boxed{0.3}", "\\boxed{1}"],
+                                     {"answer": ["1/3", "1/3", None]})
+        assert scores == [1.0, 0.0, None]
+    finally:
+        runner.close()

@@ -16,15 +16,17 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from rayrlhf.actors.losses_step import count_units, plan_passes
+from rayrlhf.actors.losses_step import count_units, plan_passes, validate
 from rayrlhf.actors.trainer import TrainerSettings, lr_lambda
 from rayrlhf.actors.trainer_group import TrainerGroup, trainer_settings
 from rayrlhf.actors.weights import tensor_checksum, whole_checksums
 from rayrlhf.algorithms import (
     AGG_MODES,
     aggregate_loss,
+    gspo_policy_loss,
     kl_estimate,
     ppo_policy_loss,
+    sequence_importance_weights,
     sequence_logprob,
     sft_nll_loss,
 )
@@ -127,6 +129,31 @@ def test_micro_batch_shares_add_up_to_the_global_loss(agg: str) -> None:
     nll = sft_nll_loss(fake_forward(ptx, False, 1.0)["logp"], ptx["mask"])
     want = pg + 0.1 * kl + 0.5 * nll
     assert sharded_loss("ppo", ppo, args, ranks=2, micro=3) == pytest.approx(float(want), rel=1e-6)
+
+
+@pytest.mark.parametrize("policy_loss", ["gspo", "gspo_token"])
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_gspo_micro_batch_shares_add_up_to_the_global_loss(agg: str, policy_loss: str) -> None:
+    """GSPO's per-sequence terms (and sequence importance weights of stale samples) split over ranks and
+    micro-batches like PPO's: the passes add up to the loss of the whole mini-batch."""
+    batch = random_batch(7, 8, 60, prompt_lens=[2, 3], response_lens=[1, 6, 2, 5, 3, 6, 1, 2])
+    batch["mask"][3] = 0
+    logp = fake_forward(batch, False, 1.0)["logp"]
+    gen = torch.Generator().manual_seed(1)
+    old = logp + 0.01 * torch.randn(logp.shape, generator=gen)
+    sample = old + 0.3 * torch.randn(logp.shape, generator=gen)
+    adv = torch.linspace(-1, 1, 8)
+    ppo = batch | {"old_logp": old, "sample_logp": sample, "advantages": adv}
+    args = {"agg": agg, "clip_eps": 0.002, "clip_eps_high": 0.003, "policy_loss": policy_loss, "is_cap": 1.2}
+    if agg == "seq-mean-token-sum-norm":
+        args["agg_constant"] = 6.0
+    weights, _ = sequence_importance_weights(old, sample, batch["mask"], 1.2)
+    want, _ = gspo_policy_loss(logp, old, adv, batch["mask"], 0.002, 0.003, agg=agg, agg_constant=args.get("agg_constant"),
+                               weights=weights, token_level=policy_loss == "gspo_token")
+    # terms of size ~1 cancel to ~0.03: float32 rounding of the sum is ~1e-7 absolute
+    assert sharded_loss("ppo", ppo, args, ranks=2, micro=3) == pytest.approx(float(want), rel=1e-6, abs=2e-7)
+    with pytest.raises(ValueError, match="unknown policy_loss 'gpso'"):
+        validate("ppo", ppo, {**args, "policy_loss": "gpso"})
 
 
 def test_zero3_logprobs_match_a_single_process(policy3: TrainerGroup, tiny_model: Path, vocab: int) -> None:

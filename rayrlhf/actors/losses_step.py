@@ -27,9 +27,11 @@ from rayrlhf.algorithms import (
     aggregate_loss,
     bradley_terry_loss,
     dpo_loss,
+    gspo_policy_loss,
     kl_estimate,
     masked_mean,
     ppo_policy_loss,
+    sequence_importance_weights,
     sequence_logprob,
     sft_nll_loss,
     truncated_importance_weights,
@@ -166,12 +168,13 @@ def _share(local: float, total: float) -> float:
 
 _COMMON_ARGS = {"agg", "agg_constant", "temperature"}
 LOSS_ARGS: dict[str, set[str]] = {
-    "ppo": _COMMON_ARGS | {"clip_eps", "clip_eps_high", "kl_coef", "kl_estimator", "ptx_coef", "is_cap"},
+    "ppo": _COMMON_ARGS | {"clip_eps", "clip_eps_high", "kl_coef", "kl_estimator", "ptx_coef", "is_cap", "policy_loss"},
     "value": _COMMON_ARGS | {"value_clip_eps"},
     "sft": _COMMON_ARGS,
     "bt": set(),
     "dpo": {"beta", "label_smoothing", "temperature"},
 }
+POLICY_LOSSES = ("ppo", "gspo", "gspo_token")
 _EXTRA_KEYS = {"ppo": ("advantages",), "value": ("old_values", "returns"),
                "dpo": ("ref_chosen_logp", "ref_rejected_logp")}
 
@@ -183,6 +186,8 @@ def validate(loss: str, batch: Batch, args: dict[str, Any]) -> None:
     unknown = sorted(set(args) - LOSS_ARGS[loss])
     if unknown:
         raise ValueError(f"loss {loss!r}: unknown loss_args {unknown}; valid ones are {sorted(LOSS_ARGS[loss])}")
+    if args.get("policy_loss", "ppo") not in POLICY_LOSSES:
+        raise ValueError(f"loss {loss!r}: unknown policy_loss {args['policy_loss']!r}; valid ones are {list(POLICY_LOSSES)}")
     prefixes = list(PAIR_PREFIXES) if loss in ("bt", "dpo") else [""]
     if loss == "ppo" and float(args.get("ptx_coef", 0.0)) > 0:
         prefixes.append(PTX_PREFIX)
@@ -210,6 +215,8 @@ def count_units(loss: str, batch: Batch, args: dict[str, Any]) -> dict[str, floa
     if loss in ("ppo", "sft", "value"):
         mask = batch["mask"]
         units = {"main": agg_units(mask, agg), "tokens": float((mask != 0).sum())}
+        if loss == "ppo":  # sequence-level statistics (GSPO's clipfrac and importance weights) average over these
+            units["rows"] = float((mask != 0).any(dim=-1).sum())
         if loss == "ppo" and args.get("ptx_coef", 0.0) > 0:
             units["ptx_tokens"] = float((sub_batch(batch, PTX_PREFIX)["mask"] != 0).sum())
         return units
@@ -226,18 +233,26 @@ def _ppo(forward: Forward, mb: Batch, args: dict[str, Any], totals: dict[str, fl
     # policy is the current one, and its detached log-probs are exact (no separate forward).
     old_logp = mb["old_logp"] if "old_logp" in mb else logp.detach()
     tw = _share(float((mask != 0).sum()), totals["tokens"])
+    policy_loss = args.get("policy_loss", "ppo")
+    rw = _share(float((mask != 0).any(dim=-1).sum()), totals.get("rows", 0.0))  # this pass's share of sequences
     stats: dict[str, float] = {}
     weights = None
     if args.get("is_cap") is not None:  # samples of older weights: old_logp is the proximal policy
-        weights, is_stats = truncated_importance_weights(old_logp, mb["sample_logp"], mask, float(args["is_cap"]))
-        stats.update({k: float(v) * tw for k, v in is_stats.items() if k != "is_weight_max"})  # sums over passes
-    pg, st = ppo_policy_loss(
-        logp, old_logp, mb["advantages"], mask, clip_eps=args.get("clip_eps", 0.2),
-        clip_eps_high=args.get("clip_eps_high"), agg=agg, agg_constant=args.get("agg_constant"), weights=weights,
-    )
+        # PPO reweights each token; GSPO each sequence, by the length-normalised ratio it clips too.
+        tis = truncated_importance_weights if policy_loss == "ppo" else sequence_importance_weights
+        weights, is_stats = tis(old_logp, mb["sample_logp"], mask, float(args["is_cap"]))
+        iw = tw if policy_loss == "ppo" else rw
+        stats.update({k: float(v) * iw for k, v in is_stats.items() if k != "is_weight_max"})  # sums over passes
+    common = dict(clip_eps=args.get("clip_eps", 0.2), clip_eps_high=args.get("clip_eps_high"), agg=agg,
+                  agg_constant=args.get("agg_constant"), weights=weights)
+    if policy_loss == "ppo":
+        pg, st = ppo_policy_loss(logp, old_logp, mb["advantages"], mask, **common)
+    else:
+        pg, st = gspo_policy_loss(logp, old_logp, mb["advantages"], mask, token_level=policy_loss == "gspo_token", **common)
     w = _share(agg_units(mask, agg), totals["main"])
     total = pg
-    stats.update({"pg_loss": _f(pg) * w, "clipfrac": float(st["clipfrac"]) * tw, "approx_kl": float(st["approx_kl"]) * tw})
+    cw = rw if policy_loss == "gspo" else tw  # GSPO clips (and counts clipped) sequences
+    stats.update({"pg_loss": _f(pg) * w, "clipfrac": float(st["clipfrac"]) * cw, "approx_kl": float(st["approx_kl"]) * tw})
     kl_coef = float(args.get("kl_coef", 0.0))
     if kl_coef > 0:
         kl = kl_estimate(logp, mb["ref_logp"].to(logp.dtype), args.get("kl_estimator", "k3"))

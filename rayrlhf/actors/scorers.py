@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import ray
 import torch
@@ -59,11 +60,14 @@ class ReferenceServer:
 
 
 class RewardServer:
-    """The reward: a sequence-classification model, a Python function, or a remote HTTP endpoint.
+    """The reward: a sequence-classification model, a Python function, several weighted functions,
+    or a remote HTTP endpoint.
 
     `score` returns one float per sample, or None for a sample that could not be scored (a
     function that raised or timed out, an endpoint that kept failing, a model score that is NaN
-    or infinite). A reward model whose tokenizer differs from the policy's scores the decoded
+    or infinite). With `functions` (reward.functions) each function runs in its own child process,
+    all of them at once, and the score is their weighted sum (`rewards.combine.weighted_sum`);
+    `score_parts` also returns each function's own scores. A reward model whose tokenizer differs from the policy's scores the decoded
     prompt and response, re-tokenized with its own tokenizer (and chat template, if it has one);
     with the same tokenizer it scores the policy's tokens as they are.
     """
@@ -81,10 +85,11 @@ class RewardServer:
         policy_tokenizer: str | None = None,
         auth_token_env: str | None = None,
         no_dropout: bool = True,
+        functions: list[dict[str, Any]] | None = None,
     ) -> None:
-        if sum(x is not None for x in (model_path, function, url)) != 1:
-            raise ValueError("RewardServer needs exactly one of model_path, function, url")
-        self.kind = "model" if model_path else "function" if function else "url"
+        if sum(x is not None for x in (model_path, function, url, functions)) != 1:
+            raise ValueError("RewardServer needs exactly one of model_path, function, url, functions")
+        self.kind = "model" if model_path else "function" if function else "url" if url else "functions"
         self.timeout_s, self.max_retries, self.micro_batch_size = timeout_s, max_retries, micro_batch_size
         self.url, self.auth_token_env = url, auth_token_env
         self.fn = None
@@ -100,6 +105,27 @@ class RewardServer:
             from rayrlhf.rewards.functions import FunctionRunner
 
             self.fn = FunctionRunner(function, timeout_s)
+        self.parts: dict[str, tuple[float, Any]] = {}  # reward.functions: name -> (weight, its runner)
+        if functions:
+            self._start_parts(functions)
+
+    def _start_parts(self, functions: list[dict[str, Any]]) -> None:
+        """One FunctionRunner per weighted function (entries: function, weight, name; names distinct)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from rayrlhf.rewards.functions import FunctionRunner
+
+        try:
+            for entry in functions:
+                name = entry.get("name") or entry["function"].rpartition(":")[2]
+                if name in self.parts:
+                    raise ValueError(f"reward.functions: two functions are named {name!r}")
+                self.parts[name] = (float(entry.get("weight", 1.0)), FunctionRunner(entry["function"], self.timeout_s))
+        except BaseException:
+            for _, runner in self.parts.values():
+                runner.close()
+            raise
+        self._pool = ThreadPoolExecutor(max_workers=len(self.parts), thread_name_prefix="reward-part")
 
     def ready(self) -> bool:
         return True
@@ -138,10 +164,33 @@ class RewardServer:
             from rayrlhf.rewards.functions import score_with_function
 
             return score_with_function(self.fn, prompts, responses, columns, self.timeout_s)
+        if self.kind == "functions":
+            return self.score_parts(prompts, responses, columns)[0]
         from rayrlhf.rewards.remote import score_with_http
 
         token = os.environ.get(self.auth_token_env, "") if self.auth_token_env else ""
         return score_with_http(self.url, prompts, responses, columns, self.timeout_s, self.max_retries, token=token or None)
+
+    def score_parts(
+        self,
+        prompts: list[str],
+        responses: list[str],
+        columns: dict[str, list] | None = None,
+        batch: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[list[float | None], dict[str, list[float | None]]]:
+        """(combined scores, each function's scores by name) for a batch; the parts are empty unless the
+        reward is reward.functions. The functions run concurrently, each in its own process and within
+        its own reward.timeout_s, so a batch costs the slowest function, not their sum."""
+        if self.kind != "functions":
+            return self.score(prompts, responses, columns, batch), {}
+        from rayrlhf.rewards.combine import weighted_sum
+        from rayrlhf.rewards.functions import score_with_function
+
+        columns = columns or {}
+        futures = {name: self._pool.submit(score_with_function, runner, prompts, responses, columns, self.timeout_s)
+                   for name, (_, runner) in self.parts.items()}
+        parts = {name: future.result() for name, future in futures.items()}
+        return weighted_sum(parts, {name: weight for name, (weight, _) in self.parts.items()}), parts
 
     def _retokenize(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
         """The samples as the reward model's own tokenizer and chat template write them."""

@@ -258,7 +258,8 @@ class TrainerGroup:
           * ``ppo``: advantages [B, T] or [B]; old_logp [B, T] (without it, the detached log-probs of the
             update's own forward: exact for a step that makes one update); ref_logp with ``kl_coef`` > 0 (KL as a
             loss term, GRPO); a ``ptx_``-prefixed packed sub-batch with ``ptx_coef`` > 0 (PPO-ptx).
-            loss_args: clip_eps, clip_eps_high, kl_coef, kl_estimator, ptx_coef, agg, temperature.
+            loss_args: clip_eps, clip_eps_high, kl_coef, kl_estimator, ptx_coef, agg, temperature,
+            is_cap, policy_loss (ppo, gspo, gspo_token).
           * ``value``: old_values, returns [B, T]; loss_args: value_clip_eps, agg.
           * ``sft``: only the packed batch; loss_args: agg.
           * ``bt`` (reward) / ``dpo`` (policy): ``chosen_`` and ``rejected_`` packed sub-batches

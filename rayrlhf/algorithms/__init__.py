@@ -10,6 +10,7 @@ from .advantages import (
     reinforce_pp_advantages,
     reinforce_pp_returns,
     rloo_advantages,
+    soft_overlong_penalty,
     token_rewards,
 )
 from .kl import (
@@ -25,12 +26,15 @@ from .losses import (
     aggregate_loss,
     bradley_terry_loss,
     dpo_loss,
+    gspo_policy_loss,
     ppo_policy_loss,
+    sequence_importance_weights,
     sequence_logprob,
     sft_nll_loss,
     truncated_importance_weights,
     value_loss,
 )
+from .passk import pass_at_k, sample_metrics
 from .utils import explained_variance, masked_mean, masked_sum, masked_var, masked_whiten
 
 __all__ = [
@@ -45,18 +49,23 @@ __all__ = [
     "explained_variance",
     "gae",
     "group_advantages",
+    "gspo_policy_loss",
     "kl_estimate",
     "make_kl_controller",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "pass_at_k",
     "ppo_policy_loss",
     "reinforce_pp_advantages",
     "reinforce_pp_returns",
     "rloo_advantages",
+    "sample_metrics",
+    "sequence_importance_weights",
     "sequence_logprob",
     "sft_nll_loss",
+    "soft_overlong_penalty",
     "token_rewards",
     "truncated_importance_weights",
     "value_loss",

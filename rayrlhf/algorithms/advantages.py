@@ -13,6 +13,7 @@ import torch
 from .utils import masked_whiten
 
 __all__ = [
+    "soft_overlong_penalty",
     "token_rewards",
     "gae",
     "group_advantages",
@@ -45,6 +46,24 @@ def token_rewards(
     last, has_tokens = _last_token_index(mask)
     placed = torch.where(has_tokens, scores.to(rewards.dtype), zero)
     return rewards.scatter_add(1, last.unsqueeze(1), placed.unsqueeze(1))
+
+
+@torch.no_grad()
+def soft_overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025): a score term ``<= 0`` per response ``[B]``.
+
+    With ``L_max = max_len`` and ``L_cache = buffer``: 0 for ``L <= L_max - L_cache``, then a linear
+    ramp ``(L_max - L_cache - L) / L_cache * factor`` down to ``-factor`` at ``L_max``, and ``-factor``
+    beyond. A response cut at the limit is not necessarily wrong; the ramp tells the policy that it
+    is getting long before the cut, instead of one cliff at the limit. ``buffer = 0`` disables it.
+    """
+    lengths = lengths.detach().to(torch.float32)
+    if buffer <= 0:
+        return torch.zeros_like(lengths)
+    if buffer > max_len:
+        raise ValueError(f"the overlong buffer ({buffer}) cannot exceed the length limit ({max_len})")
+    ramp = (max_len - buffer - lengths) / buffer * factor
+    return ramp.clamp(min=-factor, max=0.0)
 
 
 @torch.no_grad()

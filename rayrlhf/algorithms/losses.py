@@ -1,4 +1,4 @@
-"""Training losses: clipped PPO policy/value losses, DPO, Bradley-Terry reward model, SFT (and PPO-ptx's NLL).
+"""Training losses: clipped PPO and GSPO policy losses, value loss, DPO, Bradley-Terry reward model, SFT (and PPO-ptx's NLL).
 
 Token-level losses are reduced by :func:`aggregate_loss`, so every trainer can pick the same
 aggregation mode (the choice matters: token-mean weights long responses more, Dr. GRPO's
@@ -17,7 +17,9 @@ __all__ = [
     "AGG_MODES",
     "aggregate_loss",
     "ppo_policy_loss",
+    "gspo_policy_loss",
     "truncated_importance_weights",
+    "sequence_importance_weights",
     "value_loss",
     "dpo_loss",
     "bradley_terry_loss",
@@ -111,6 +113,123 @@ def ppo_policy_loss(
             "ratio_max": torch.where(valid, ratio.detach(), torch.zeros_like(ratio)).max(),
         }
     return loss, stats
+
+
+def _row_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each row's mean of ``x`` over its response tokens ``[B]`` (0 for a row without any)."""
+    return masked_sum(x, mask, dim=-1) / (mask != 0).sum(dim=-1).clamp_min(1).to(x.dtype)
+
+
+def gspo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 3e-4,
+    clip_eps_high: float | None = None,
+    agg: str = "seq-mean-token-mean",
+    agg_constant: float | None = None,
+    weights: torch.Tensor | None = None,
+    token_level: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Group Sequence Policy Optimization (Zheng et al. 2025): the clip acts on whole sequences.
+
+    Per row ``s_i = exp(mean_t(logp - old_logp))`` over its response tokens, the geometric mean of
+    the token ratios: a sequence's likelihood ratio normalised by its length, so that long and short
+    responses share one clip range. ``loss_i = max(-A_i * s_i, -A_i * clip(s_i, 1 - clip_eps,
+    1 + clip_eps_high))``: a sequence is kept or cut as a whole, where PPO cuts single tokens and
+    keeps the noisy per-token ratios of the rest. ``s_i`` stays far closer to 1 than token ratios,
+    hence ranges of ~3e-4 / 4e-4 (the paper's) instead of PPO's 0.2.
+
+    Each row's loss is spread over its tokens and reduced by ``agg`` (``aggregate_loss``):
+    ``seq-mean-token-mean`` is the paper's mean over sequences, ``token-mean`` weights each sequence
+    by its length, ``seq-mean-token-sum-norm`` by its length over ``agg_constant``.
+    ``advantages`` are per sequence ``[B]``; a ``[B, T]`` tensor is read as its row means (exact when
+    constant over each row, as group advantages are).
+
+    ``token_level`` is GSPO-token: ``s_i,t = sg[s_i] * pi_t / sg[pi_t]`` has the value of ``s_i`` and,
+    with advantages constant over a row, the same gradient, but admits per-token advantages
+    ``[B, T]`` (GAE); the clip then applies per token, to the sequence's ratio.
+
+    ``weights`` ([B], or [B, T] for token_level; detached) multiply each sequence's (token's) term:
+    the sequence importance weights of stale samples (``sequence_importance_weights``).
+    Stats (detached): ``clipfrac`` (share of sequences with tokens whose clipped term is strictly
+    larger; per token for token_level), ``approx_kl`` (token mean of the k3 estimate, as PPO's),
+    ``ratio_mean`` / ``ratio_max`` (of ``s_i`` over sequences with tokens) and ``loss``.
+    """
+    clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    if clip_eps < 0 or clip_eps_high < 0:
+        raise ValueError(f"clip ranges must be >= 0, got clip_eps={clip_eps}, clip_eps_high={clip_eps_high}")
+    old_logp = old_logp.detach()
+    advantages = advantages.detach().to(logp.dtype)
+    valid = mask != 0
+    rows = valid.any(dim=-1)
+    log_ratio = torch.where(valid, logp - old_logp, torch.zeros_like(logp))
+    seq_log_ratio = _row_mean(log_ratio, mask)  # [B]
+    low, high = 1.0 - clip_eps, 1.0 + clip_eps_high
+    if token_level:
+        if advantages.dim() == 1:
+            advantages = advantages.unsqueeze(-1)
+        current = torch.where(valid, logp, torch.zeros_like(logp))
+        ratio = torch.exp(seq_log_ratio.detach().unsqueeze(-1) + current - current.detach())
+        unclipped = -advantages * ratio
+        clipped = -advantages * torch.clamp(ratio, low, high)
+        per_token = torch.maximum(unclipped, clipped)
+        if weights is not None:
+            w = weights.detach().to(per_token.dtype)
+            per_token = per_token * (w.unsqueeze(-1) if w.dim() == 1 else w)
+        cut = masked_mean((clipped > unclipped).to(logp.dtype), mask.to(logp.dtype))
+    else:
+        seq_adv = _row_mean(advantages, mask) if advantages.dim() == 2 else advantages
+        ratio = torch.exp(seq_log_ratio)
+        unclipped = -seq_adv * ratio
+        clipped = -seq_adv * torch.clamp(ratio, low, high)
+        per_sequence = torch.maximum(unclipped, clipped)
+        if weights is not None:
+            per_sequence = per_sequence * weights.detach().to(per_sequence.dtype)
+        per_token = per_sequence.unsqueeze(-1).expand_as(logp)
+        cut = masked_mean((clipped > unclipped).to(logp.dtype), rows.to(logp.dtype))
+    loss = aggregate_loss(per_token, mask, agg, agg_constant)
+    with torch.no_grad():
+        s = torch.exp(seq_log_ratio.detach())
+        rows_f = rows.to(logp.dtype)
+        stats = {
+            "loss": loss.detach(),
+            "clipfrac": cut.detach(),
+            "approx_kl": masked_mean(kl_estimate(old_logp, logp.detach(), "k3"), mask.to(logp.dtype)),
+            "ratio_mean": masked_mean(s, rows_f),
+            "ratio_max": torch.where(rows, s, torch.zeros_like(s)).max() if s.numel() else s.sum(),
+        }
+    return loss, stats
+
+
+def sequence_importance_weights(
+    prox_logp: torch.Tensor, behaviour_logp: torch.Tensor, mask: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per sequence ``min(exp(mean_t(log pi_prox - log pi_behaviour)), cap)`` ``[B]`` (0 for empty rows).
+
+    GSPO's counterpart of ``truncated_importance_weights`` for stale samples: the correction from
+    the behaviour policy to the proximal one is taken, like GSPO's own ratio, as the length-
+    normalised (geometric-mean) sequence ratio, and truncated at ``cap``. It is not an unbiased
+    importance weight (the full product of token ratios is, at a variance no step survives), but it
+    is the one on GSPO's scale. Stats (over sequences with tokens): ``is_weight_mean``,
+    ``is_weight_max`` (before truncation) and ``is_clipped_frac``.
+    """
+    if not cap > 0:
+        raise ValueError(f"importance cap must be > 0, got {cap}")
+    valid = mask != 0
+    rows = valid.any(dim=-1)
+    with torch.no_grad():
+        log_w = torch.where(valid, prox_logp.detach() - behaviour_logp.to(prox_logp.dtype), torch.zeros_like(prox_logp))
+        raw = torch.exp(_row_mean(log_w, mask))
+        weights = torch.where(rows, raw.clamp(max=cap), torch.zeros_like(raw))
+        rows_f = rows.to(raw.dtype)
+        stats = {
+            "is_weight_mean": masked_mean(weights, rows_f),
+            "is_weight_max": torch.where(rows, raw, torch.zeros_like(raw)).max() if raw.numel() else raw.sum(),
+            "is_clipped_frac": masked_mean((raw > cap).to(raw.dtype), rows_f),
+        }
+    return weights, stats
 
 
 def truncated_importance_weights(

@@ -22,12 +22,13 @@ from rayrlhf.config.sections import (
     DataConfig,
     ModelConfig,
     RewardConfig,
+    RewardFunctionConfig,
     Section,
 )
 
 __all__ = [
     "GROUP_ALGORITHMS", "OFFLINE_ALGORITHMS", "ONLINE_ALGORITHMS", "AlgorithmConfig", "CheckpointConfig", "ConfigError",
-    "DataConfig", "FaultsConfig", "JobConfig", "LoggingConfig", "ModelConfig", "RayConfig", "RewardConfig", "RoleConfig",
+    "DataConfig", "FaultsConfig", "JobConfig", "LoggingConfig", "ModelConfig", "RayConfig", "RewardConfig", "RewardFunctionConfig", "RoleConfig",
     "RolloutConfig", "ScheduleConfig", "Section", "ServersConfig", "TrainerConfig", "load_config", "parse_override",
     "to_yaml",
 ]

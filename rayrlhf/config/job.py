@@ -63,11 +63,18 @@ class JobConfig(Section):
         if algo.is_online and self.data.train is None:
             raise ValueError(f"algorithm.name={algo.name} needs data.train: a jsonl/parquet file or dataset with a 'prompt' field")
         if algo.is_online:
-            sources = [s for s in (self.model.reward, self.reward.function, self.reward.url) if s]
+            given = {"model.reward": self.model.reward, "reward.function": self.reward.function,
+                     "reward.functions": self.reward.functions, "reward.url": self.reward.url}
+            sources = [key for key, value in given.items() if value]
             if len(sources) != 1:
                 raise ValueError(
-                    f"algorithm.name={algo.name} needs exactly one reward source: model.reward, reward.function or reward.url "
-                    f"(got {len(sources)})"
+                    f"algorithm.name={algo.name} needs exactly one reward source: model.reward, reward.function, "
+                    f"reward.functions or reward.url (got {' and '.join(sources) if sources else 'none'})"
+                )
+            if algo.overlong_buffer >= self.rollout.max_new_tokens:
+                raise ValueError(
+                    f"algorithm.overlong_buffer = {algo.overlong_buffer} must be smaller than rollout.max_new_tokens = "
+                    f"{self.rollout.max_new_tokens}: the soft overlong penalty ramps over the buffer's last tokens before the limit"
                 )
             self._check_batch_split()
         return self

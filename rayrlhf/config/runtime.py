@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, NonNegativeInt
+from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 
 from rayrlhf.config.sections import Section
 
@@ -113,6 +113,20 @@ class ScheduleConfig(Section):
         "greedy", description="Online evaluation: greedy responses, sampled ones (rollout.temperature), or both."
     )
     eval_max_prompts: int | None = Field(None, ge=1, description="Online evaluation: use at most this many data.eval prompts.")
+    eval_subset_seed: int | None = Field(
+        None, description="Online evaluation: a subset of eval_max_prompts prompts drawn with this seed (the same at every "
+        "evaluation); null: the first ones in file order."
+    )
+    eval_samples: int = Field(1, ge=1, description="Online evaluation: sampled responses per prompt (n of mean@n and pass@k).")
+    eval_pass_k: list[PositiveInt] = Field(
+        [1], min_length=1, description="Online evaluation: the k of each pass@k reported (each at most eval_samples)."
+    )
+    eval_pass_threshold: float = Field(
+        1.0, description="Online evaluation: a sample is correct for pass@k when its score is at least this."
+    )
+    eval_max_new_tokens: int | None = Field(
+        None, ge=1, description="Online evaluation: longest response, in tokens; null: rollout.max_new_tokens."
+    )
     verify_sync_every: int = Field(
         10, ge=0, description="Verify worker weights by checksum at the first sync and every N syncs after (0 disables)."
     )
@@ -120,6 +134,24 @@ class ScheduleConfig(Section):
         0, ge=0, description="Asynchronous mode: step s may train on samples of weights s-1-k at the oldest (0: on-policy; "
         "k >= 1 generates the next k steps' samples while this one trains)."
     )
+
+
+    @model_validator(mode="after")
+    def _check_eval_sampling(self) -> ScheduleConfig:
+        """pass@k draws k of the n samples of a prompt; n greedy responses would be one response n times."""
+        self.__dict__["eval_pass_k"] = sorted(set(self.eval_pass_k))
+        too_big = [k for k in self.eval_pass_k if k > self.eval_samples]
+        if too_big:
+            raise ValueError(
+                f"schedule.eval_pass_k {too_big} exceed schedule.eval_samples = {self.eval_samples}: pass@k draws k of the "
+                "samples of each prompt"
+            )
+        if self.eval_samples > 1 and self.eval_decoding == "greedy":
+            raise ValueError(
+                f"schedule.eval_samples = {self.eval_samples} with schedule.eval_decoding=greedy: greedy responses to one "
+                "prompt are all the same; use eval_decoding sampled (or both: one greedy response and n sampled)"
+            )
+        return self
 
 
 class CheckpointConfig(Section):

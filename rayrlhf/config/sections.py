@@ -7,13 +7,23 @@ knob has a default and a one-line description (shown by `rayrlhf validate`).
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+log = logging.getLogger(__name__)
+
 ONLINE_ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_pp")
 OFFLINE_ALGORITHMS = ("sft", "rm", "dpo")
 GROUP_ALGORITHMS = ("grpo", "rloo")
+# The clip ranges each policy loss gets when algorithm.clip_eps / clip_eps_high are null: PPO's
+# token ratios move by tenths, GSPO's length-normalised sequence ratio by ten-thousandths (the
+# GSPO paper's 3e-4 / 4e-4).
+DEFAULT_CLIP = {"ppo": (0.2, None), "gspo": (3e-4, 4e-4), "gspo_token": (3e-4, 4e-4)}
+# The step metrics reward/<name> already taken: a reward.functions entry may not be named so.
+RESERVED_REWARD_NAMES = ("mean", "std", "failed")
 
 
 class Section(BaseModel):
@@ -37,8 +47,30 @@ class ModelConfig(Section):
     )
 
 
+class RewardFunctionConfig(Section):
+    """One term of a weighted reward (`reward.functions`)."""
+
+    function: str = Field(description="Reward function 'path/to/file.py:fn' or 'package.module:fn'.")
+    weight: float = Field(1.0, allow_inf_nan=False, description="Weight of this function's score in the sum (0: logged only).")
+    name: str | None = Field(None, description="Name of its metric reward/<name>; null: the function's name.")
+
+    @model_validator(mode="after")
+    def _resolve_name(self) -> RewardFunctionConfig:
+        if self.name is None:
+            self.__dict__["name"] = self.function.rpartition(":")[2]
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name or ""):
+            raise ValueError(f"name {self.name!r}: a metric name takes letters, digits, '_', '.' and '-' only")
+        if self.name in RESERVED_REWARD_NAMES:
+            raise ValueError(f"name {self.name!r} would collide with the metric reward/{self.name}; choose another name")
+        return self
+
+
 class RewardConfig(Section):
     function: str | None = Field(None, description="Reward function 'path/to/file.py:fn' or 'package.module:fn'.")
+    functions: list[RewardFunctionConfig] | None = Field(
+        None, min_length=1, description="Weighted reward functions [{function, weight, name}], alternative to reward.function: "
+        "the score is the weighted sum; a sample is unscored when a function with a non-zero weight gives it none."
+    )
     url: str | None = Field(None, description="Remote HTTP reward endpoint (POST JSON), alternative to a function or model.")
     timeout_s: float = Field(30.0, gt=0, description="Per-call timeout of a reward function or HTTP request, seconds.")
     max_retries: int = Field(2, ge=0, description="Retries of a failed HTTP reward request before the samples count as failed.")
@@ -53,6 +85,19 @@ class RewardConfig(Section):
     eval_function: str | None = Field(
         None, description="Held-out 'true' metric for evaluation rows (file.py:fn or module:fn), beside the training reward."
     )
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> RewardConfig:
+        """Each function's metric is reward/<name>: two entries of one name would overwrite each other."""
+        seen: dict[str, int] = {}
+        for i, entry in enumerate(self.functions or []):
+            if entry.name in seen:
+                raise ValueError(
+                    f"reward.functions[{seen[entry.name]}] and reward.functions[{i}] are both named {entry.name!r}: "
+                    "their metrics reward/<name> would collide; set a distinct `name` on one of them"
+                )
+            seen[entry.name] = i
+        return self
 
 
 class DataConfig(Section):
@@ -86,8 +131,17 @@ class AlgorithmConfig(Section):
     kl_horizon: int = Field(10000, gt=0, description="Horizon (in samples) of the adaptive KL controller.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount factor for GAE and REINFORCE++ returns.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
-    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip ε (lower side, and upper side unless clip_eps_high is set).")
-    clip_eps_high: float | None = Field(None, gt=0, description="Upper PPO clip (DAPO's clip-higher); null uses clip_eps.")
+    policy_loss: Literal["ppo", "gspo", "gspo_token"] = Field(
+        "ppo", description="Policy loss: ppo (token ratios clipped per token), gspo (length-normalised sequence ratio "
+        "clipped per sequence, Qwen3's GSPO; needs grpo or rloo), gspo_token (GSPO with per-token advantages)."
+    )
+    clip_eps: float | None = Field(
+        None, gt=0, description="Ratio clip ε (lower side, and upper side unless clip_eps_high is set); null: 0.2 for "
+        "ppo, 3e-4 for gspo (its sequence ratio stays near 1: PPO-size ranges clip nothing)."
+    )
+    clip_eps_high: float | None = Field(
+        None, gt=0, description="Upper clip (DAPO's clip-higher); null: clip_eps, or 4e-4 for gspo when clip_eps is null too."
+    )
     value_clip_eps: float = Field(0.2, gt=0, description="Clip range of the critic's value update.")
     ppo_epochs: int = Field(1, ge=1, description="Passes over each step's samples.")
     old_logprobs: Literal["auto", "recompute", "rollout"] = Field(
@@ -97,12 +151,22 @@ class AlgorithmConfig(Section):
     importance_cap: float = Field(
         2.0, gt=0, description="Asynchronous mode: truncation of the importance weight π_old/π_behaviour of stale samples (TIS)."
     )
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
-        "token-mean", description="How per-token losses are reduced (seq-mean-token-sum-norm is Dr. GRPO's)."
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] | None = Field(
+        None, description="How per-token losses are reduced (seq-mean-token-sum-norm is Dr. GRPO's); null: token-mean, "
+        "or seq-mean-token-mean (the paper's mean over sequences) with policy_loss gspo."
     )
     scale_by_std: bool = Field(True, description="GRPO: divide group-centred scores by the group std (false is Dr. GRPO).")
     whiten_advantages: bool = Field(True, description="Whiten advantages over the batch (ppo, reinforce_pp).")
     overlong_penalty: float = Field(0.0, ge=0, description="Penalty subtracted from the score of a response cut by the length limit.")
+    overlong_filter: bool = Field(
+        False, description="Leave responses cut by the length limit out of the policy loss, KL and entropy (DAPO); "
+        "their scores still count in their group's baseline."
+    )
+    overlong_buffer: int = Field(
+        0, ge=0, description="DAPO's soft overlong penalty: the last this many tokens before rollout.max_new_tokens "
+        "cost linearly up to overlong_penalty_factor; 0 disables."
+    )
+    overlong_penalty_factor: float = Field(1.0, ge=0, description="Largest soft overlong penalty (at and past the length limit).")
     ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx weight γ on the pretraining NLL (InstructGPT: 27.8); needs data.pretrain.")
     beta: float = Field(0.1, gt=0, description="DPO β.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO label smoothing (conservative DPO).")
@@ -111,6 +175,7 @@ class AlgorithmConfig(Section):
     def _resolve_kl_estimator(self) -> AlgorithmConfig:
         """k1 is unbiased as a per-token reward penalty; as a loss term its gradient is zero in expectation
         on on-policy samples (E[∇log π] = 0), so the default there is GRPO's k3."""
+        self._resolve_policy_loss()
         if self.group_size is None:
             self.__dict__["group_size"] = 8 if self.name in GROUP_ALGORITHMS else 1
         if self.kl_estimator is None:
@@ -122,6 +187,32 @@ class AlgorithmConfig(Section):
                 "(GRPO's) or k2 (whose gradient is that of KL(π‖π_ref))"
             )
         return self
+
+    def _resolve_policy_loss(self) -> None:
+        """Clip ranges and aggregation follow the policy loss when left null; GSPO's sequence-level clip
+        needs one advantage per sequence, which ppo (GAE) and reinforce_pp (reward-to-go) do not give."""
+        low, high = DEFAULT_CLIP[self.policy_loss]
+        if self.clip_eps is None:
+            self.__dict__["clip_eps"] = low
+            if self.clip_eps_high is None:
+                self.__dict__["clip_eps_high"] = high
+        if self.loss_agg is None:
+            self.__dict__["loss_agg"] = "seq-mean-token-mean" if self.policy_loss == "gspo" else "token-mean"
+        if self.policy_loss == "ppo":
+            return
+        if self.policy_loss == "gspo" and self.is_online and self.name not in GROUP_ALGORITHMS:
+            raise ValueError(
+                f"algorithm.policy_loss=gspo clips one ratio per sequence and needs one advantage per sequence "
+                f"(algorithm.name grpo or rloo); algorithm.name={self.name} gives per-token advantages: use "
+                "policy_loss gspo_token"
+            )
+        widest = max(self.clip_eps, self.clip_eps_high or self.clip_eps)
+        if widest > 0.01:
+            log.warning(
+                "algorithm.policy_loss=%s with a clip range of %g: GSPO's length-normalised sequence ratio stays within "
+                "~1e-3 of 1, so a PPO-size range clips nothing; the GSPO paper uses clip_eps 3e-4, clip_eps_high 4e-4 "
+                "(the defaults when both are null)", self.policy_loss, widest,
+            )
 
     @property
     def is_online(self) -> bool:

@@ -29,9 +29,19 @@ _EVAL_SEED_OFFSET = 7_000_003  # keeps evaluation seeds apart from the training 
 
 
 def eval_prompts(data: PromptDataset, cfg: JobConfig) -> list[int]:
-    """Indices of the evaluation prompts (the first `schedule.eval_max_prompts`, in file order)."""
+    """Indices of the evaluation prompts: the first `schedule.eval_max_prompts` in file order, or, with
+    `schedule.eval_subset_seed`, that many drawn with the seed (in file order; the same at every evaluation,
+    so the figures still compare the policy over time, on prompts from the whole file)."""
     n = len(data) if cfg.schedule.eval_max_prompts is None else min(len(data), cfg.schedule.eval_max_prompts)
-    return list(range(n))
+    if cfg.schedule.eval_subset_seed is None:
+        return list(range(n))
+    picked = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.schedule.eval_subset_seed))[:n]
+    return sorted(int(i) for i in picked)
+
+
+def eval_max_new_tokens(cfg: JobConfig) -> int:
+    """The evaluation's response limit: `schedule.eval_max_new_tokens`, else `rollout.max_new_tokens`."""
+    return cfg.schedule.eval_max_new_tokens or cfg.rollout.max_new_tokens
 
 
 def _modes(cfg: JobConfig) -> list[str]:

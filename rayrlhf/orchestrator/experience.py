@@ -18,6 +18,7 @@ from rayrlhf.algorithms import (
     masked_whiten,
     reinforce_pp_advantages,
     rloo_advantages,
+    soft_overlong_penalty,
     token_rewards,
 )
 from rayrlhf.config import AlgorithmConfig
@@ -25,13 +26,20 @@ from rayrlhf.config import AlgorithmConfig
 
 @dataclass
 class Advantages:
-    """Targets for one step: advantages [B, T], critic returns [B, T] (ppo only) and diagnostics."""
+    """Targets for one step: advantages [B, T], critic returns [B, T] (ppo only) and diagnostics.
+
+    `loss_mask` [B, T] is the tokens the update trains on: the response tokens of scored samples,
+    without truncated ones under `algorithm.overlong_filter`. `overlong_penalty` [B] is the soft
+    overlong penalty each sample's score received (<= 0; 0 when disabled or unscored).
+    """
 
     advantages: torch.Tensor
     returns: torch.Tensor | None
     kl: torch.Tensor
     rewards: torch.Tensor
     scores: torch.Tensor
+    loss_mask: torch.Tensor | None = None
+    overlong_penalty: torch.Tensor | None = None
 
 
 def fill_invalid_with_group_mean(scores: torch.Tensor, valid: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -57,6 +65,8 @@ def compute_advantages(
     ref_logp: torch.Tensor | None,
     values: torch.Tensor | None,
     kl_coef: float,
+    response_len: torch.Tensor | None = None,
+    max_new_tokens: int | None = None,
 ) -> Advantages:
     """Advantages for `cfg.name` from sequence scores [B] and per-token log-probs [B, T].
 
@@ -67,11 +77,24 @@ def compute_advantages(
       within each prompt's group;
     - reinforce_pp: discounted reward-to-go of token rewards, whitened over the batch.
     `valid` is False for samples the reward could not score: their mask is zeroed, so they
-    contribute nothing to any loss. `truncated` samples pay `cfg.overlong_penalty`.
+    contribute nothing to any loss. `truncated` samples pay `cfg.overlong_penalty`; with
+    `cfg.overlong_buffer` every sample pays DAPO's soft penalty on its `response_len` (default: its
+    mask's token count) against `max_new_tokens`. With `cfg.overlong_filter` truncated samples are
+    left out of `loss_mask` (their advantages are 0) but, as in DAPO, still count in their group's
+    baseline: the other samples' advantages do not depend on whether the filter is on.
     """
     mask = mask * valid.to(mask.dtype).unsqueeze(1)
     scores = torch.where(valid, torch.nan_to_num(scores), torch.zeros_like(scores))
     scores = scores - cfg.overlong_penalty * truncated.to(scores.dtype)
+    soft = torch.zeros_like(scores)
+    if cfg.overlong_buffer > 0:
+        if max_new_tokens is None:
+            raise ValueError("algorithm.overlong_buffer > 0 needs the length limit (max_new_tokens)")
+        lengths = response_len if response_len is not None else mask.sum(dim=1)
+        soft = torch.where(valid, soft_overlong_penalty(lengths, max_new_tokens, cfg.overlong_buffer,
+                                                        cfg.overlong_penalty_factor).to(scores.dtype), soft)
+        scores = scores + soft
+    loss_mask = mask * (~truncated).to(mask.dtype).unsqueeze(1) if cfg.overlong_filter else mask
     kl = kl_estimate(logp, ref_logp, cfg.kl_estimator) * mask if ref_logp is not None else torch.zeros_like(mask)
     beta = kl_coef if cfg.kl_as_reward else 0.0
     rewards = token_rewards(scores, kl, mask, beta)
@@ -80,8 +103,8 @@ def compute_advantages(
         if values is None:
             raise ValueError("ppo needs the critic's values")
         advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+        if cfg.whiten_advantages:  # over the tokens that train
+            advantages = masked_whiten(advantages, loss_mask)
     elif cfg.name in ("grpo", "rloo"):
         sequence_reward = fill_invalid_with_group_mean(rewards.sum(dim=1), valid, cfg.group_size)
         if cfg.name == "grpo":
@@ -90,10 +113,11 @@ def compute_advantages(
             per_sequence = rloo_advantages(sequence_reward, cfg.group_size)
         advantages = per_sequence.unsqueeze(1) * mask
     elif cfg.name == "reinforce_pp":
-        advantages = reinforce_pp_advantages(rewards, mask, cfg.gamma)
+        advantages = reinforce_pp_advantages(rewards, loss_mask, cfg.gamma)  # rows are independent: whitened over what trains
     else:
         raise ValueError(f"algorithm.name={cfg.name} is not an online RL algorithm")
-    return Advantages(advantages=advantages * mask, returns=returns, kl=kl, rewards=rewards, scores=scores)
+    return Advantages(advantages=advantages * loss_mask, returns=returns, kl=kl, rewards=rewards, scores=scores,
+                      loss_mask=loss_mask, overlong_penalty=soft)
 
 
 class RunningMoments:

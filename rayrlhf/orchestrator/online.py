@@ -214,6 +214,7 @@ class OnlineRL:
         adv = compute_advantages(  # the sampling policy's log-probs for the KL: the trainer's, else the engine's
             algo, scores, exp["valid"], exp["truncated"], exp["mask"], exp.get("logp", exp["sample_logp"]),
             exp.get("ref_logp"), exp.get("values"), kl_coef,
+            response_len=exp["response_len"], max_new_tokens=cfg.rollout.max_new_tokens,  # soft overlong penalty
         )
 
         every = cfg.rollout.dump_every
@@ -317,7 +318,7 @@ class OnlineRL:
         cfg, algo = self.cfg, self.cfg.algorithm
         keys = ("input_ids", "attention_mask", "position_ids", "mask")
         data = {k: exp[k] for k in keys}
-        data["mask"] = exp["mask"] * exp["valid"].float().unsqueeze(1)
+        data["mask"] = adv.loss_mask  # scored samples' tokens (less truncated ones under algorithm.overlong_filter)
         data.update(advantages=adv.advantages, sample_logp=exp["sample_logp"])
         mode = old_logprobs_mode(cfg)  # "current": one update per step, its own forward is the old policy
         if mode != "current":
@@ -328,6 +329,7 @@ class OnlineRL:
             data.update(old_values=exp["values"], returns=adv.returns)
         policy_args = {
             "clip_eps": algo.clip_eps, "clip_eps_high": algo.clip_eps_high, "agg": algo.loss_agg,
+            "policy_loss": algo.policy_loss,
             "agg_constant": float(cfg.rollout.max_new_tokens),  # Dr. GRPO's normaliser: the generation budget
             "temperature": cfg.rollout.temperature or 1.0,
             "kl_coef": 0.0 if algo.kl_as_reward else float(self.kl_ctl.value), "kl_estimator": algo.kl_estimator,

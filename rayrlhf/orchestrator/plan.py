@@ -164,6 +164,8 @@ def plan_actors(cfg: JobConfig) -> ActorPlan:
                                 f"frozen {cfg.model.reference or cfg.model.policy} on {ref_device}, forward only"))
     kind = ("model " + str(cfg.model.reward)) if cfg.model.reward else (
         f"function {cfg.reward.function}" if cfg.reward.function else "HTTP endpoint")
+    if cfg.reward.functions:
+        kind = "functions " + " + ".join(f"{f.weight:g} x {f.function}" for f in cfg.reward.functions)
     reward_device = "cuda" if _gpu(srv.reward_num_gpus) else "cpu"
     actors += [ActorSpec(f"reward-{i}", "reward", srv.reward_num_cpus, srv.reward_num_gpus, f"{kind} on {reward_device}")
                for i in range(cfg.reward.num_workers)]

@@ -5,7 +5,8 @@ found by an actor costs the start-up of the DeepSpeed groups and the engines and
 Ray traceback. Checked: the actor plan, every model and tokenizer exists (a local directory or a
 hub id the machine can resolve), the critic shares the policy's tokenizer (its values are read
 at the policy's token positions), data.train and data.eval exist and parse, every prompt fits,
-and reward.function / reward.eval_function import and take the data's columns.
+and reward.function, every reward.functions entry and reward.eval_function import and take the
+data's columns.
 """
 
 from __future__ import annotations
@@ -81,10 +82,12 @@ def preflight(cfg: JobConfig) -> Checked:
                                   cfg.seed, shuffle=False)
     if cfg.reward.function:
         check_reward_function(cfg.reward.function, list(reward_columns(train.rows[:1])))
+    for i, entry in enumerate(cfg.reward.functions or []):
+        check_reward_function(entry.function, list(reward_columns(train.rows[:1])), key=f"reward.functions[{i}].function")
     if cfg.reward.eval_function:
         if evaluation is None:
             raise InvalidInput("reward.eval_function scores evaluation rows: it needs data.eval")
-        check_reward_function(cfg.reward.eval_function, list(reward_columns(evaluation.rows[:1])))
+        check_reward_function(cfg.reward.eval_function, list(reward_columns(evaluation.rows[:1])), key="reward.eval_function")
     if cfg.algorithm.ptx_coef > 0:
         load_rows(d.pretrain, "text")
     log.info("checks passed: %d training prompts%s", len(train), f", {len(evaluation)} eval prompts" if evaluation else "")

@@ -128,6 +128,7 @@ class System:
                 trust_remote_code=trust, timeout_s=cfg.reward.timeout_s, max_retries=cfg.reward.max_retries,
                 micro_batch_size=srv.micro_batch_size, policy_tokenizer=self.policy_path,
                 auth_token_env=cfg.reward.auth_token_env, no_dropout=no_dropout,
+                functions=[f.model_dump() for f in cfg.reward.functions] if cfg.reward.functions else None,
             )
             for spec in self.plan.of("reward")
         ]

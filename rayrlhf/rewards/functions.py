@@ -28,33 +28,33 @@ log = logging.getLogger(__name__)
 RewardFn = Callable[..., Sequence[float | None]]
 
 
-def load_reward_function(spec: str) -> RewardFn:
-    """Resolve 'path/to/file.py:fn' or 'package.module:fn' to the function, with errors naming the spec."""
+def load_reward_function(spec: str, key: str = "reward.function") -> RewardFn:
+    """Resolve 'path/to/file.py:fn' or 'package.module:fn' to the function, with errors naming `key` and the spec."""
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
-        raise InvalidInput(f"reward.function {spec!r}: expected 'path/to/file.py:fn' or 'package.module:fn'")
+        raise InvalidInput(f"{key} {spec!r}: expected 'path/to/file.py:fn' or 'package.module:fn'")
     if target.endswith(".py"):
         path = Path(target)
         if not path.is_file():
-            raise InvalidInput(f"reward.function {spec!r}: file {path} does not exist")
+            raise InvalidInput(f"{key} {spec!r}: file {path} does not exist")
         module_name = f"rayrlhf_user_reward_{abs(hash(str(path.resolve())))}"
         loader_spec = importlib.util.spec_from_file_location(module_name, path)
         if loader_spec is None or loader_spec.loader is None:
-            raise InvalidInput(f"reward.function {spec!r}: cannot load {path} as Python")
+            raise InvalidInput(f"{key} {spec!r}: cannot load {path} as Python")
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[module_name] = module
         try:
             loader_spec.loader.exec_module(module)
         except Exception as exc:
-            raise InvalidInput(f"reward.function {spec!r}: importing {path} failed: {exc!r}") from exc
+            raise InvalidInput(f"{key} {spec!r}: importing {path} failed: {exc!r}") from exc
     else:
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
-            raise InvalidInput(f"reward.function {spec!r}: cannot import module {target!r} ({exc})") from exc
+            raise InvalidInput(f"{key} {spec!r}: cannot import module {target!r} ({exc})") from exc
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise InvalidInput(f"reward.function {spec!r}: {target} has no function {name!r}")
+        raise InvalidInput(f"{key} {spec!r}: {target} has no function {name!r}")
     return fn
 
 
@@ -69,20 +69,20 @@ def _clean(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
-def check_reward_function(spec: str, columns: list[str]) -> RewardFn:
-    """Load `spec` and check it can be called as fn(prompts, responses, **columns); names what is wrong."""
-    fn = load_reward_function(spec)
+def check_reward_function(spec: str, columns: list[str], key: str = "reward.function") -> RewardFn:
+    """Load `spec` and check it can be called as fn(prompts, responses, **columns); errors name `key`."""
+    fn = load_reward_function(spec, key)
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return fn  # a builtin or C callable: nothing to inspect
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(positional) < 2 and not any(p.kind is p.VAR_POSITIONAL for p in params):
-        raise InvalidInput(f"reward.function {spec!r}: it must take (prompts, responses, **columns) as its first two arguments")
+        raise InvalidInput(f"{key} {spec!r}: it must take (prompts, responses, **columns) as its first two arguments")
     clash = [c for c in columns if c in {p.name for p in positional[:2]}]
     if clash:
         raise InvalidInput(
-            f"reward.function {spec!r}: data.train's column(s) {clash} would arrive as keyword arguments, but its first "
+            f"{key} {spec!r}: data.train's column(s) {clash} would arrive as keyword arguments, but its first "
             "two parameters take them: it is called as fn(prompts, responses, **columns)"
         )
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
@@ -90,14 +90,14 @@ def check_reward_function(spec: str, columns: list[str]) -> RewardFn:
                if p.default is p.empty and p.name not in columns]
     if missing:
         raise InvalidInput(
-            f"reward.function {spec!r}: it needs the column(s) {missing}, which data.train does not have "
+            f"{key} {spec!r}: it needs the column(s) {missing}, which data.train does not have "
             f"(its columns: {sorted(columns)})"
         )
     if not takes_any:
         unused = [c for c in columns if c not in {p.name for p in params}]
         if unused:
             raise InvalidInput(
-                f"reward.function {spec!r}: data.train's column(s) {unused} are passed as keyword arguments, which it "
+                f"{key} {spec!r}: data.train's column(s) {unused} are passed as keyword arguments, which it "
                 "does not accept; add **kwargs to its signature"
             )
     return fn
