@@ -110,6 +110,8 @@ def test_tools_reach_the_template_from_the_row_or_the_environment(tmp_path: Path
     path = str(jsonl(tmp_path, [{"messages": CHAT, "tools": [tool]}, {"prompt": "2+2?"}]))
     data = load_prompts(path, tok, 400, "error", apply_chat_template=True, seed=0)
     assert '"name": "calc"' in tok.decode(data.prompt_ids[0]) and "calc" not in tok.decode(data.prompt_ids[1])
+    # every row has every column, so a reward function gets the same arguments whatever rows a batch holds
+    assert reward_columns(data.rows[1:]) == {"messages": [None], "tools": [None]}
     env_tool = {"type": "function", "function": {"name": "python"}}
     data = load_prompts(path, tok, 400, "error", apply_chat_template=True, seed=0, tools=[env_tool])
     assert '"name": "calc"' in tok.decode(data.prompt_ids[0]) and '"name": "python"' in tok.decode(data.prompt_ids[1])
@@ -277,3 +279,19 @@ def test_sft_loss_on_a_conversation_is_the_nll_of_its_assistant_tokens(tiny_mode
                     nll, count = nll - float(logp[pos - 1, ids[0, pos]]), count + 1
     assert count == 10  # "abc</s>" + "ab</s>" + "yo</s>"
     assert loss == pytest.approx(nll / count, rel=1e-5)
+
+
+def test_an_sft_job_on_conversations_packs_masked_batches(tmp_path: Path) -> None:
+    """The offline trainer's data side (no actor starts in its constructor): messages rows become
+    batches whose mask is 1 on assistant tokens only, in training and in evaluation."""
+    from rayrlhf.orchestrator.offline import OfflineTrainer
+
+    path = jsonl(tmp_path, [{"messages": SFT_CHAT}, {"messages": SFT_CHAT[:2]}])
+    cfg = load_config(None, ["algorithm.name=sft", f"data.train={path}", f"data.eval={path}",
+                             f"output_dir={tmp_path / 'out'}", "schedule.prompts_per_step=2"])
+    job = OfflineTrainer(cfg)
+    batch = job._batch(job.train)
+    tok = job.tokenizer
+    trained = [tok.decode(batch["input_ids"][i, -batch["mask"].shape[1]:][batch["mask"][i] > 0]) for i in range(2)]
+    assert trained == ["abc</s>ab</s>", "abc</s>"]
+    assert len(job.eval) == 2 and job._sft_batch(job.eval)["mask"].sum() == 11

@@ -176,15 +176,15 @@ def format_prompt(tokenizer: Any, prompt: str, apply_chat_template: bool) -> str
 
 def row_messages(row: dict[str, Any]) -> list[dict[str, Any]]:
     """The conversation of a checked row: its `messages`, or its `prompt` as one user message."""
-    return row["messages"] if "messages" in row else [{"role": "user", "content": row["prompt"]}]
+    return row["messages"] if row.get("messages") is not None else [{"role": "user", "content": row["prompt"]}]
 
 
 def row_prompt_ids(row: dict[str, Any], tokenizer: Any, apply_chat_template: bool, tools: list[dict] | None = None) -> list[int]:
     """Prompt ids of a checked row. A plain prompt without tools is `format_prompt` as before; a
     conversation, or a prompt with tools (the row's `tools`, else `tools`), goes through `chat.ChatFormat`.
     Errors name the row."""
-    tools = row.get("tools", tools)
-    if "messages" not in row and not tools:
+    tools = row.get("tools") or tools
+    if row.get("messages") is None and not tools:
         return encode_prompt(tokenizer, format_prompt(tokenizer, row["prompt"], apply_chat_template))
     try:
         return chat_format(tokenizer, apply_chat_template).prompt_ids(row_messages(row), tools)
@@ -271,6 +271,10 @@ def load_prompts(
         log.warning("%s: dropped %d prompts longer than %d tokens", source, dropped, max_prompt_tokens)
     if not rows:
         raise InvalidInput(f"{source}: every prompt is longer than data.max_prompt_tokens = {max_prompt_tokens}")
+    # One set of columns for every row (null where a row lacks one): a reward function gets the same
+    # keyword arguments whichever rows a batch holds, e.g. `messages` in a file mixing prompts and conversations.
+    columns = dict.fromkeys(k for row in rows for k in row)
+    rows = [{k: row.get(k) for k in columns} for row in rows]
     return PromptDataset(rows, prompt_ids, seed=seed, shuffle=shuffle, dropped=dropped)
 
 

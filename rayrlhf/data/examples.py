@@ -61,7 +61,7 @@ def load_examples(source: str, kind: str, tokenizer: Any, data: DataConfig) -> t
     fields = ("response",) if kind == "sft" else ("chosen", "rejected")
     examples, overlong, ties = [], 0, 0
     for row in load_rows(source, kind, data.prompt_key, data.messages_key):
-        if "messages" in row:
+        if row.get("messages") is not None:
             example = conversation_example(row, tokenizer, data.apply_chat_template)
             prompt = example.prompt_ids
         elif kind == "sft":
@@ -79,7 +79,7 @@ def load_examples(source: str, kind: str, tokenizer: Any, data: DataConfig) -> t
         if kind == "pairs" and row["chosen"] == row["rejected"]:
             ties += 1
             continue
-        if "messages" not in row:
+        if row.get("messages") is None:
             example = Example(prompt, tuple(encode_response(tokenizer, row[f]) for f in fields), row["_where"])
         examples.append(example)
     if overlong:
