@@ -270,3 +270,28 @@ def test_an_unstable_template_falls_back_to_rendering_each_piece_alone() -> None
 
 def test_probe_tool_is_a_valid_schema() -> None:
     assert check_tools([PROBE_TOOL], "probe") == [PROBE_TOOL]
+
+
+def test_on_a_bpe_tokenizer_the_assembled_ids_decode_to_the_whole_render() -> None:
+    """With merges, ids tokenized piece by piece may differ from the whole text's tokenization at the seams
+    (that is what the policy samples, so it is kept), but they decode to exactly the whole render."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from rayrlhf.models.tiny_chat import CHATML_TEMPLATE
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    rng = random.Random(11)
+    corpus = [random_text(rng, 5, 60) for _ in range(300)] + ["the weather is cold today\n\n" * 3]
+    core.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["</s>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", pad_token="</s>")
+    tok.chat_template = CHATML_TEMPLATE
+    assert chat_format(tok).stable
+    for _ in range(30):
+        episode, messages, turns = play_episode(tok, rng, [WEATHER])
+        assert tok.decode(episode.ids) == tok.apply_chat_template(messages, tools=[WEATHER], tokenize=False)
+        assert [i for i, m in zip(episode.ids, episode.mask) if m] == [i for s in turns for i in s]

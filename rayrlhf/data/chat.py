@@ -260,7 +260,8 @@ class ChatFormat:
             call = {"type": "function", "function": {"name": "rayrlhf_probe_tool", "arguments": {"q": "x"}}}
             probes.append([{"role": "user", "content": "use the tool"},
                            {"role": "assistant", "content": '<tool_call>{"name": "rayrlhf_probe_tool"}</tool_call>'},
-                           {"role": "tool", "content": "result one"}, {"role": "tool", "content": "result two"},
+                           {"role": "tool", "name": "rayrlhf_probe_tool", "content": "result one"},
+                           {"role": "tool", "name": "rayrlhf_probe_tool", "content": "result two"},
                            {"role": "assistant", "content": "", "tool_calls": [call]},
                            {"role": "tool", "name": "rayrlhf_probe_tool", "content": "result three"},
                            {"role": "assistant", "content": "done"}, {"role": "user", "content": "thanks"},
