@@ -107,12 +107,14 @@ def _owner(key: str) -> str:
 
 def trim_padding(mb: Batch) -> Batch:
     """`mb` without the columns that are padding in all its rows: prompt columns before the first
-    attended one, response columns after the longest response. The layout stays `pack_batch`'s."""
+    attended one, response columns after the last one with a nonzero mask (a conversation's mask has
+    zeros between its trained turns). The layout stays `pack_batch`'s."""
     out = dict(mb)
     for prefix in {_owner(k) for k in mb if k.endswith("input_ids")}:
         mask, attention = mb[prefix + "mask"], mb[prefix + "attention_mask"]
         t_len, width = mask.shape[1], attention.shape[1]
-        keep_t = max(int((mask != 0).sum(dim=1).max()), 1)
+        used = (mask != 0).any(dim=0).nonzero()
+        keep_t = int(used[-1]) + 1 if len(used) else 1
         attended = (attention != 0).any(dim=0).nonzero()
         start = min(int(attended[0]) if len(attended) else 0, width - t_len - 1)  # keep at least one prompt column
         for key, value in mb.items():

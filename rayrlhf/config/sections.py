@@ -108,8 +108,22 @@ class DataConfig(Section):
     overlong_prompts: Literal["error", "drop"] = Field(
         "error", description="What to do with a prompt longer than max_prompt_tokens: fail naming file and row, or drop and count."
     )
-    apply_chat_template: bool = Field(True, description="Wrap prompts with the tokenizer's chat template when it has one.")
+    apply_chat_template: bool = Field(
+        True, description="Render prompts and conversations with the tokenizer's chat template when it has one "
+        "(else prompts stay raw text and conversations get the plain '<role>: <content>' rendering)."
+    )
     shuffle: bool = Field(True, description="Shuffle the training rows each epoch (seeded by `seed`).")
+    prompt_key: str = Field("prompt", min_length=1, description="Column holding each row's prompt text.")
+    messages_key: str = Field(
+        "messages", min_length=1, description="Column holding a conversation (a list of {role, content}, with an "
+        "optional 'tools' column of JSON schemas), used by a row instead of the prompt column (prompt and SFT data)."
+    )
+
+    @model_validator(mode="after")
+    def _distinct_keys(self) -> DataConfig:
+        if self.prompt_key == self.messages_key:
+            raise ValueError(f"data.prompt_key and data.messages_key are both {self.prompt_key!r}; they name two columns")
+        return self
 
 
 class AlgorithmConfig(Section):

@@ -16,9 +16,14 @@ import torch
 
 
 def pack_batch(
-    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+    masks: Sequence[Sequence[float] | None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Pack token lists into `input_ids`, `attention_mask`, `position_ids` [B, P+T] and `mask` [B, T]."""
+    """Pack token lists into `input_ids`, `attention_mask`, `position_ids` [B, P+T] and `mask` [B, T].
+
+    `mask` is 1 on every response token, or, where `masks[i]` is given, that per-token loss mask
+    (a conversation's response holds user and tool turns that are attended to but not trained on).
+    """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     num_rows = len(prompts)
@@ -27,11 +32,19 @@ def pack_batch(
     input_ids = torch.full((num_rows, p_len + t_len), pad_id, dtype=torch.long)
     attention = torch.zeros((num_rows, p_len + t_len), dtype=torch.long)
     mask = torch.zeros((num_rows, t_len), dtype=torch.float32)
+    if masks is not None and len(masks) != num_rows:
+        raise ValueError(f"{num_rows} responses but {len(masks)} masks")
     for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
         input_ids[i, p_len - len(prompt) : p_len] = torch.as_tensor(prompt, dtype=torch.long)
         input_ids[i, p_len : p_len + len(response)] = torch.as_tensor(response, dtype=torch.long)
         attention[i, p_len - len(prompt) : p_len + len(response)] = 1
-        mask[i, : len(response)] = 1.0
+        row_mask = masks[i] if masks is not None else None
+        if row_mask is None:
+            mask[i, : len(response)] = 1.0
+        elif len(row_mask) != len(response):
+            raise ValueError(f"row {i}: a mask of {len(row_mask)} for a response of {len(response)} tokens")
+        else:
+            mask[i, : len(response)] = torch.as_tensor(row_mask, dtype=torch.float32)
     position_ids = (attention.cumsum(dim=1) - 1).clamp_min(0)
     return {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids, "mask": mask}
 

@@ -5,7 +5,8 @@
     reference  <- dpo only: every pair's sequence log-probs under the frozen reference, once
     for each step:
         rows   <- the next mini-batch of this epoch's seeded order
-        update <- one optimizer step: response-token NLL (sft), Bradley-Terry (rm) or DPO
+        update <- one optimizer step: response-token NLL (sft; a conversation's assistant tokens only),
+                  Bradley-Terry (rm) or DPO
         eval   <- every schedule.eval_every steps and at the end (also before the first step)
         log    <- one metrics row; a checkpoint when due
     final/     <- the trained model in Hugging Face format
@@ -62,7 +63,7 @@ class OfflineTrainer:
         algo = cfg.algorithm.name
         if algo not in LOSSES:
             raise ValueError(f"algorithm.name={algo} is not an offline algorithm")
-        fields = "prompt and response" if algo == "sft" else "prompt, chosen and rejected"
+        fields = "prompt and response (or messages)" if algo == "sft" else "prompt, chosen and rejected"
         if not cfg.data.train:
             raise InvalidInput(f"algorithm.name={algo} needs data.train: a jsonl/parquet file or dataset with {fields}")
         self.cfg, self.algo, self.role, self.resume = cfg, algo, ROLES[algo], resume
@@ -152,7 +153,7 @@ class OfflineTrainer:
         if self.algo == "sft":
             nll, tokens = 0.0, 0.0
             for chunk in _chunks(self.eval):
-                batch = pack_batch([e.prompt_ids for e in chunk], [e.responses[0] for e in chunk], self._pad)
+                batch = self._sft_batch(chunk)
                 logp = self._logprobs(batch)
                 nll, tokens = nll - float((logp * batch["mask"]).sum()), tokens + float(batch["mask"].sum())
             out = {"eval/loss": nll / tokens}
@@ -187,12 +188,17 @@ class OfflineTrainer:
         """The packed batch of a step: one sub-batch for sft, `chosen_` and `rejected_` ones for pairs."""
         prompts = [e.prompt_ids for e in examples]
         if self.algo == "sft":
-            return pack_batch(prompts, [e.responses[0] for e in examples], self._pad)
+            return self._sft_batch(examples)
         batch: Batch = {}
         for i, prefix in enumerate(("chosen_", "rejected_")):
             packed = pack_batch(prompts, [e.responses[i] for e in examples], self._pad)
             batch.update({prefix + k: v for k, v in packed.items()})
         return batch
+
+    def _sft_batch(self, examples: list[Example]) -> Batch:
+        """SFT rows packed; a conversation's `loss_mask` keeps its user and tool turns out of the loss."""
+        return pack_batch([e.prompt_ids for e in examples], [e.responses[0] for e in examples], self._pad,
+                          masks=[e.loss_mask for e in examples])
 
     def _loss_args(self) -> dict[str, Any]:
         a = self.cfg.algorithm

@@ -74,12 +74,13 @@ def preflight(cfg: JobConfig) -> Checked:
     reference = _model(cfg, "model.reference", cfg.model.reference or cfg.model.policy, cache)
     reward_model = _model(cfg, "model.reward", cfg.model.reward, cache) if cfg.model.reward else None
     d = cfg.data
+    keys = {"prompt_key": d.prompt_key, "messages_key": d.messages_key}
     train = load_prompts(d.train, tokenizer, d.max_prompt_tokens, d.overlong_prompts, d.apply_chat_template, cfg.seed,
-                         d.shuffle)
+                         d.shuffle, **keys)
     evaluation = None
     if d.eval:
         evaluation = load_prompts(d.eval, tokenizer, d.max_prompt_tokens, d.overlong_prompts, d.apply_chat_template,
-                                  cfg.seed, shuffle=False)
+                                  cfg.seed, shuffle=False, **keys)
     if cfg.reward.function:
         check_reward_function(cfg.reward.function, list(reward_columns(train.rows[:1])))
     for i, entry in enumerate(cfg.reward.functions or []):
