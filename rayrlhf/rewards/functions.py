@@ -9,19 +9,16 @@ timeout instead of holding a thread forever.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import logging
 import math
 import multiprocessing
-import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from rayrlhf.errors import InvalidInput
+from rayrlhf.user_code import load_object
 
 log = logging.getLogger(__name__)
 
@@ -30,31 +27,10 @@ RewardFn = Callable[..., Sequence[float | None]]
 
 def load_reward_function(spec: str) -> RewardFn:
     """Resolve 'path/to/file.py:fn' or 'package.module:fn' to the function, with errors naming the spec."""
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
-        raise InvalidInput(f"reward.function {spec!r}: expected 'path/to/file.py:fn' or 'package.module:fn'")
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise InvalidInput(f"reward.function {spec!r}: file {path} does not exist")
-        module_name = f"rayrlhf_user_reward_{abs(hash(str(path.resolve())))}"
-        loader_spec = importlib.util.spec_from_file_location(module_name, path)
-        if loader_spec is None or loader_spec.loader is None:
-            raise InvalidInput(f"reward.function {spec!r}: cannot load {path} as Python")
-        module = importlib.util.module_from_spec(loader_spec)
-        sys.modules[module_name] = module
-        try:
-            loader_spec.loader.exec_module(module)
-        except Exception as exc:
-            raise InvalidInput(f"reward.function {spec!r}: importing {path} failed: {exc!r}") from exc
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as exc:
-            raise InvalidInput(f"reward.function {spec!r}: cannot import module {target!r} ({exc})") from exc
-    fn = getattr(module, name, None)
+    fn = load_object(spec, "reward.function", what="function", placeholder="fn")
     if not callable(fn):
-        raise InvalidInput(f"reward.function {spec!r}: {target} has no function {name!r}")
+        target = spec.rpartition(":")[0]
+        raise InvalidInput(f"reward.function {spec!r}: {target} has no function {spec.rpartition(':')[2]!r}")
     return fn
 
 
