@@ -7,8 +7,9 @@ The rollout worker calls `reset`/`step` from its threads; they return at once wi
 - an exception fails that call ("raised"), and the episode: later calls on it fail the same way;
 - a call that gives no answer within env.step_timeout_s fails ("timeout"). A synchronous call
   cannot be stopped, so its thread is *leaked*: the process is then retired (new episodes go to a
-  fresh process) and ended once its last episode closes, or at once when `max_leaked` threads are
-  stuck (its other episodes then fail "crashed");
+  fresh process) and ended once its last episode is closed and its leaked calls returned (or
+  RETIRE_GRACE_S after that last close), or at once when `max_leaked` threads are stuck (its other
+  episodes then fail "crashed");
 - a dead process (os._exit, segfault, the OOM killer) fails every call in flight there and every
   episode whose instance lived there ("crashed"); the next reset starts a new process.
 
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 TICK_S = 0.05  # how often the reader thread checks deadlines
 START_TIMEOUT_S = 120.0  # spawn + imports + loading env.class
 MAX_LEAKED = 8
+RETIRE_GRACE_S = 60.0  # how long a retired process with no live episode waits for its leaked calls
 _ALL_HOSTS: weakref.WeakSet[EnvHost] = weakref.WeakSet()
 _atexit_registered = False
 
@@ -80,10 +82,12 @@ class _Process:
         self.pid: int | None = None
         self.pending: dict[int, _Call] = {}
         self.leaked: set[int] = set()  # timed-out calls still running in the child
-        self.episodes: set[str] = set()
+        self.episodes: set[str] = set()  # live episodes
+        self.closing: set[str] = set()  # closed by the caller, close() not yet done in the child
         self.ready = False
         self.dead = False
         self.retired = False
+        self.retired_at = 0.0
         self.started = time.monotonic()
         self.outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         threading.Thread(target=self._write, name=f"{host.name}-{generation}-send", daemon=True).start()
@@ -134,6 +138,7 @@ class EnvHost:
         self._ids = itertools.count()
         self._generations = itertools.count()
         self._current: _Process | None = None
+        self._procs: list[_Process] = []  # generations not ended yet
         self._episodes: dict[str, _Process] = {}
         self._busy: set[str] = set()  # episodes with a call in flight (one at a time)
         self._failed: dict[str, EnvFailure] = {}  # failed episodes: their later calls fail the same way
@@ -153,6 +158,7 @@ class EnvHost:
             proc = self._current
             if proc is None or proc.dead or proc.retired:
                 proc = self._current = _Process(self, next(self._generations))
+                self._procs.append(proc)
             proc.episodes.add(episode_id)
             self._episodes[episode_id] = proc
             return self._submit(proc, "reset", *data)
@@ -181,16 +187,14 @@ class EnvHost:
             if proc is None or proc.dead:
                 return
             proc.episodes.discard(episode_id)
+            proc.closing.add(episode_id)
             proc.send(("close", episode_id))
-            finished = proc.retired and not proc.episodes
-        if finished:
-            self._end(proc, "the host process was recycled", recycled=True)
 
     def shutdown(self) -> None:
         """Stop every host process (their remaining instances are closed, bounded); later calls raise."""
         with self._lock:
             self._closed = True
-            procs = {id(p): p for p in [*self._episodes.values(), self._current] if p is not None}.values()
+            procs = list(self._procs)
             self._episodes.clear()
         for proc in procs:
             if not proc.dead:
@@ -201,8 +205,8 @@ class EnvHost:
     def stats(self) -> dict[str, int]:
         """Counters for metrics: crashes, recycles, timeouts; leaked threads and live episodes now."""
         with self._lock:
-            procs = {id(p): p for p in [*self._episodes.values(), self._current] if p is not None and not p.dead}
-            return {**self.counts, "leaked": sum(len(p.leaked) for p in procs.values()), "episodes": len(self._episodes)}
+            leaked = sum(len(p.leaked) for p in self._procs)
+            return {**self.counts, "leaked": leaked, "episodes": len(self._episodes), "processes": len(self._procs)}
 
     @property
     def pid(self) -> int | None:
@@ -254,6 +258,8 @@ class EnvHost:
                     call.deadline = now + self.spec.step_timeout_s
             elif tag == "fatal":
                 fatal = message[1]
+            elif tag == "closed":
+                proc.closing.discard(message[1])
             else:
                 call_id = message[1]
                 proc.leaked.discard(call_id)  # a late answer: the thread it held is free again
@@ -289,9 +295,10 @@ class EnvHost:
                         self._finished(call, failure)
                         expired.append((call, failure))
                 self.counts["timeouts"] += len(expired)
-                if expired:
-                    proc.retired = True  # fresh episodes go to a fresh process from now on
-                recycle = proc.retired and (len(proc.leaked) >= self.max_leaked or not proc.episodes)
+                if expired and not proc.retired:
+                    proc.retired, proc.retired_at = True, now  # fresh episodes go to a fresh process from now on
+                idle = not proc.episodes and (not (proc.closing or proc.leaked) or now - proc.retired_at > RETIRE_GRACE_S)
+                recycle = proc.retired and (len(proc.leaked) >= self.max_leaked or idle)
                 leaked = len(proc.leaked)
         for call, failure in expired:
             self._settle(call, failure=failure)
@@ -329,6 +336,8 @@ class EnvHost:
             if proc.dead:
                 return
             proc.dead = True
+            if proc in self._procs:
+                self._procs.remove(proc)
             if recycled:
                 self.counts["recycles"] += 1
             calls = list(proc.pending.values())
@@ -364,6 +373,6 @@ def _register(host: EnvHost) -> None:
 def _shutdown_all() -> None:
     for host in list(_ALL_HOSTS):
         with host._lock:
-            procs = {id(p): p for p in [*host._episodes.values(), host._current] if p is not None}.values()
+            procs = list(host._procs)
         for proc in procs:
             proc.kill()

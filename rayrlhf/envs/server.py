@@ -8,7 +8,7 @@ exits when its parent's end of the pipe closes, so it never outlives the rollout
 Wire protocol (pickled tuples over one multiprocessing Pipe):
   parent -> child: ("reset"|"step", call_id, episode_id, arg), ("close", episode_id), ("stop",)
   child -> parent: ("ready", pid), ("fatal", message), ("ok", call_id, value),
-                   ("err", call_id, kind, message, where)
+                   ("err", call_id, kind, message, where), ("closed", episode_id)
 A timed-out coroutine is cancelled here; a timed-out synchronous call cannot be, and its late
 answer tells the parent that its thread is free again.
 """
@@ -197,20 +197,22 @@ class _Server:
                 self.closing.add(episode)
                 return
             env = self.envs.pop(episode, None)
-        if env is not None:
-            self.pool.submit(self.run_close, env)
+        self.pool.submit(self.run_close, env, episode)
 
-    def run_close(self, env: Any) -> None:
+    def run_close(self, env: Any, episode: str | None = None) -> None:
         """env.close() when it has one; its errors are logged, never raised: the episode is over anyway."""
         fn = getattr(env, "close", None)
-        if not callable(fn):
-            return
         try:
+            if not callable(fn):
+                return
             result = fn()
             if inspect.isawaitable(result):
                 asyncio.run_coroutine_threadsafe(asyncio.wait_for(result, CLOSE_TIMEOUT_S), self.loop).result()
         except BaseException as exc:  # noqa: BLE001
             log.warning("close() of %s failed: %s", type(env).__name__, describe_exception(exc))
+        finally:
+            if episode is not None:
+                self.send(("closed", episode))
 
     def stop(self) -> None:
         """Close every remaining instance (bounded), then exit."""
