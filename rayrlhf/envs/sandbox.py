@@ -95,7 +95,7 @@ def run_python(code: str, timeout_s: float = 10.0, memory_mb: int = 1024, max_ou
     with tempfile.TemporaryDirectory(prefix="rayrlhf-python-") as tmp:
         work = Path(tmp)
         (work / "main.py").write_text(code)
-        flags = ["-I"] if site_packages else ["-I", "-S"]
+        flags = ["-I", "-u"] if site_packages else ["-I", "-u", "-S"]  # unbuffered: stdout and stderr in order
         command = [*([] if network else network_isolation()), sys.executable, "-I", "-S", "-c", _LAUNCHER,
                    json.dumps(_limits(timeout_s, memory_mb)), str(os.getpid()), *flags, "main.py"]
         timed_out = False
@@ -115,6 +115,7 @@ def run_python(code: str, timeout_s: float = 10.0, memory_mb: int = 1024, max_ou
             size = out.seek(0, os.SEEK_END)
             out.seek(0)
             text = out.read(max_output_chars * 4).decode("utf-8", errors="replace")
+        text = text.replace(f"{work}/", "")  # tracebacks name "main.py", not a random directory
     if len(text) > max_output_chars or size > max_output_chars * 4:
         text = text[:max_output_chars] + f"\n[output truncated: {size} bytes in all]"
     end = _describe_end(proc.returncode, timed_out, timeout_s)
