@@ -272,7 +272,7 @@ def test_timeout_fails_in_time_and_the_host_is_recycled(host: EnvHost) -> None:
     failure = failure_of(host.step("slow", "sleep"))
     elapsed = time.monotonic() - started
     assert failure.kind == "timeout" and "env.step_timeout_s" in failure.message
-    assert 1.0 <= elapsed < 1.6, elapsed
+    assert 1.0 <= elapsed < 2.0, elapsed  # the timeout plus a little slack
     assert host.stats()["leaked"] == 1 and host.stats()["timeouts"] == 1
     # the old process keeps serving its episodes; new episodes go to a fresh one
     assert host.step("other", "x").result(timeout=10).reward == 0.5

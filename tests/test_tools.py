@@ -268,6 +268,7 @@ def test_check_env_validates_tools(tools_file: Path, tmp_path: Path) -> None:
         (EnvConfig(tools=f"{tools_file}:TOOLS", tool_parser="xml"), r"env.tool_parser 'xml': unknown"),
         (EnvConfig(tools=f"{tools_file}:TOOLS", kwargs={"parser": "x"}), r"env.kwargs: \['parser'\] are set from"),
         (EnvConfig(class_="collections:OrderedDict", tools=f"{tools_file}:TOOLS"), r"env.class .*no reset\(\)"),
+        (EnvConfig(class_="rayrlhf.envs.tools:ToolEnv"), r"env.class .*is the tool environment: set env.tools"),
     ]
     for cfg, pattern in cases:
         with pytest.raises(InvalidInput, match=pattern):

@@ -52,7 +52,7 @@ class EnvConfig(Section):
     tool_parser: str = Field("hermes", description="How tool calls are read from the assistant's text (hermes: "
                              "<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>).")
     tool_timeout_s: float = Field(
-        10.0, gt=0, description="Longest run of one tool call (in its own process); past it the model reads an error."
+        15.0, gt=0, description="Longest run of one tool call (in its own process); past it the model reads an error."
     )
 
     @property

@@ -33,6 +33,8 @@ def check_env(env: Any, sample_row: dict) -> None:
         raise InvalidInput(f"env.class {spec!r}: {cls.__name__}.close is not a method")
     if env.tools:
         _check_tools(env, cls)
+    elif _is_tool_env(cls):
+        raise InvalidInput(f"env.class {spec!r} is the tool environment: set env.tools to 'path/to/file.py:TOOLS'")
     kwargs = HostSpec.from_config(env).kwargs
     try:
         inspect.signature(cls).bind(**kwargs)
@@ -44,12 +46,18 @@ def check_env(env: Any, sample_row: dict) -> None:
     _check_in_host(env, spec, sample_row)
 
 
+def _is_tool_env(cls: type) -> bool:
+    from rayrlhf.envs.tools import ToolEnv
+
+    return issubclass(cls, ToolEnv)
+
+
 def _check_tools(env: Any, cls: type) -> None:
     from rayrlhf.envs.parsers import PARSERS
     from rayrlhf.envs.schema import ToolSchemaError
-    from rayrlhf.envs.tools import ToolEnv, load_tools, tool_schemas
+    from rayrlhf.envs.tools import load_tools, tool_schemas
 
-    if not issubclass(cls, ToolEnv):
+    if not _is_tool_env(cls):
         raise InvalidInput(f"env.class {env.class_!r} and env.tools are both set, but only the built-in tool "
                            "environment (rayrlhf.envs.tools:ToolEnv or a subclass) takes env.tools: drop one of them")
     clash = sorted(set(env.kwargs) & set(TOOL_ENV_KEYS))

@@ -150,7 +150,6 @@ class EnvHost:
 
     def reset(self, episode_id: str, row: dict) -> Future[list[dict]]:
         """Build the episode's environment and call reset(row); resolves to the messages before the first turn."""
-        data = (episode_id, row)
         with self._lock:
             self._check_open()
             if episode_id in self._episodes or episode_id in self._failed:
@@ -161,7 +160,7 @@ class EnvHost:
                 self._procs.append(proc)
             proc.episodes.add(episode_id)
             self._episodes[episode_id] = proc
-            return self._submit(proc, "reset", *data)
+            return self._submit(proc, "reset", episode_id, row)
 
     def step(self, episode_id: str, action: str) -> Future[StepResult]:
         """Call step(action) on the episode's environment; resolves to a StepResult."""
