@@ -308,6 +308,10 @@ def test_python_kills_infinite_loops_and_memory_bombs() -> None:
     assert time.monotonic() - started < 4
     bomb = run_python("x = bytearray(4 << 30)\nprint('allocated')", memory_mb=256)
     assert "MemoryError" in bomb and "allocated" not in bomb
+    spinner = run_python("import time\nt = time.time()\nwhile time.time() - t < 30:\n    pass", timeout_s=1.5)
+    assert spinner.endswith(("[killed: timed out after 1.5s]", "[killed by SIGKILL: killed]"))  # CPU limit 2 s
+    big = run_python("open('f', 'wb').write(b'x' * (32 << 20))")  # over the 16 MiB file size limit
+    assert "File too large" in big or "SIGXFSZ" in big
     sleeper = run_python("import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; "
                          "time.sleep(60)'])\nimport time; time.sleep(60)", timeout_s=1.0)
     assert sleeper.endswith("[killed: timed out after 1s]")
@@ -328,6 +332,8 @@ def test_python_has_no_network_when_unshare_works() -> None:
         pytest.skip("unshare -rn is not permitted on this machine")
     out = run_python("import socket\nprint([name for _, name in socket.if_nameindex()])")
     assert out.strip() == "['lo']"
+    if "--mount-proc" in network_isolation():  # its own PID namespace: no other process in sight
+        assert run_python("import os\nprint([p for p in os.listdir('/proc') if p.isdigit()])").strip() == "['1']"
 
 
 def test_python_tool_through_the_tool_env() -> None:

@@ -3,7 +3,8 @@
 Each run gets a new `python -I` process in an empty temporary directory, with an empty environment
 (no inherited tokens or keys), stdin closed, resource limits (address space, CPU time, file size,
 open files, processes), a wall-clock timeout that kills its whole process group, output cut to a
-bound, and no network (a new network namespace via `unshare -rn`) where the kernel allows it.
+bound and, where the kernel allows unprivileged namespaces, no network and no view of other
+processes (`unshare -rnpf --mount-proc`: new user, network, PID and mount namespaces).
 What this does not protect against is written in the README ("The python tool's sandbox"): it
 is a guard against accidents and runaway code, not a security boundary.
 """
@@ -24,7 +25,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-# Runs first in the sandboxed process: set the limits, die with the parent, then exec the real run.
+# Runs first in the sandboxed process: set the limits, die with the parent, then exec the rest of argv
+# (`unshare ... python main.py`, which keeps the limits and the parent-death signal).
 _LAUNCHER = """\
 import ctypes, json, os, resource, sys
 for name, value in json.loads(sys.argv[1]).items():
@@ -38,7 +40,7 @@ except Exception:
     pass
 if os.getppid() != int(sys.argv[2]):
     os._exit(1)
-os.execv(sys.executable, [sys.executable, *sys.argv[3:]])
+os.execv(sys.argv[3], sys.argv[3:])
 """
 
 SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8",
@@ -47,22 +49,29 @@ SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHO
 FILE_LIMIT_BYTES = 16 << 20
 
 
+# Tried in order. With a PID namespace the code runs as its PID 1: other processes (and their
+# /proc/<pid>/environ) are out of sight, and everything it started dies with it (--kill-child).
+_UNSHARE_FLAGS = (["-rnpf", "--mount-proc", "--kill-child"], ["-rn"], ["-n"])
+
+
 @functools.cache
 def network_isolation() -> list[str]:
-    """The command prefix that runs a process without network (`unshare -rn`), or [] where that fails."""
+    """The command prefix that runs a process without network (`unshare`), or [] where that is not permitted."""
     unshare = shutil.which("unshare")
     if unshare is None:
         log.info("python tool: `unshare` not found; sandboxed code keeps the host's network")
         return []
-    for flags in ("-rn", "-n"):
+    why = ""
+    for flags in _UNSHARE_FLAGS:
         try:
-            done = subprocess.run([unshare, flags, "true"], capture_output=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
+            done = subprocess.run([unshare, *flags, "true"], capture_output=True, timeout=10)
+        except (OSError, subprocess.SubprocessError) as exc:
+            why = str(exc)
             continue
         if done.returncode == 0:
-            return [unshare, flags]
-    log.info("python tool: `unshare -rn` is not permitted here (%s); sandboxed code keeps the host's network",
-             done.stderr.decode(errors="replace").strip())
+            return [unshare, *flags]
+        why = done.stderr.decode(errors="replace").strip()
+    log.info("python tool: `unshare -rn` is not permitted here (%s); sandboxed code keeps the host's network", why)
     return []
 
 
@@ -96,8 +105,8 @@ def run_python(code: str, timeout_s: float = 10.0, memory_mb: int = 1024, max_ou
         work = Path(tmp)
         (work / "main.py").write_text(code)
         flags = ["-I", "-u"] if site_packages else ["-I", "-u", "-S"]  # unbuffered: stdout and stderr in order
-        command = [*([] if network else network_isolation()), sys.executable, "-I", "-S", "-c", _LAUNCHER,
-                   json.dumps(_limits(timeout_s, memory_mb)), str(os.getpid()), *flags, "main.py"]
+        command = [sys.executable, "-I", "-S", "-c", _LAUNCHER, json.dumps(_limits(timeout_s, memory_mb)),
+                   str(os.getpid()), *([] if network else network_isolation()), sys.executable, *flags, "main.py"]
         timed_out = False
         with open(work / ".output", "w+b") as out:
             proc = subprocess.Popen(command, cwd=work, env={**SANDBOX_ENV, "HOME": tmp, "TMPDIR": tmp},
