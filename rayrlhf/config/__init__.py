@@ -1,6 +1,7 @@
 """Typed configuration for one rayrlhf job: sections (`sections.py`: what is trained; `runtime.py`: how it
 runs), the job and its cross-section checks (`job.py`), and loading YAML with overrides (`loading.py`)."""
 
+from rayrlhf.config.env import EnvConfig
 from rayrlhf.config.job import JobConfig
 from rayrlhf.config.loading import ConfigError, load_config, parse_override, to_yaml
 from rayrlhf.config.runtime import (
@@ -28,7 +29,8 @@ from rayrlhf.config.sections import (
 
 __all__ = [
     "GROUP_ALGORITHMS", "OFFLINE_ALGORITHMS", "ONLINE_ALGORITHMS", "AlgorithmConfig", "CheckpointConfig", "ConfigError",
-    "DataConfig", "FaultsConfig", "JobConfig", "LoggingConfig", "ModelConfig", "RayConfig", "RewardConfig", "RewardFunctionConfig", "RoleConfig",
+    "DataConfig", "EnvConfig", "FaultsConfig", "JobConfig", "LoggingConfig", "ModelConfig", "RayConfig", "RewardConfig",
+    "RewardFunctionConfig", "RoleConfig",
     "RolloutConfig", "ScheduleConfig", "Section", "ServersConfig", "TrainerConfig", "load_config", "parse_override",
     "to_yaml",
 ]

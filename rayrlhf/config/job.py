@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
+from rayrlhf.config.env import EnvConfig
 from rayrlhf.config.runtime import (
     CheckpointConfig,
     FaultsConfig,
@@ -32,6 +33,9 @@ class JobConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Datasets.")
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="Algorithm and its hyper-parameters.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout workers.")
+    env: EnvConfig = Field(
+        default_factory=EnvConfig, description="Multi-turn environments and tools (user code, run isolated)."
+    )
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="DeepSpeed trainer groups.")
     servers: ServersConfig = Field(default_factory=ServersConfig, description="Reference and reward servers; weight sync.")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Steps and batch sizes.")

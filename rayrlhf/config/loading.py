@@ -71,7 +71,7 @@ def _apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
 def _section_model(model: type[BaseModel], path: tuple[str, ...]) -> type[BaseModel] | None:
     """The pydantic model of the section at `path`, or None when `path` is not a section."""
     for part in path:
-        field = model.model_fields.get(part)
+        field = model.model_fields.get(part) or next((f for f in model.model_fields.values() if f.alias == part), None)
         annotation = getattr(field, "annotation", None)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
@@ -86,7 +86,7 @@ def _is_section(model: type[BaseModel], path: tuple[str, ...]) -> bool:
 def _field_names(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
     """The valid keys of the section at `path`, to suggest a fix for a misspelt key."""
     section = _section_model(model, path)
-    return list(section.model_fields) if section else []
+    return [field.alias or name for name, field in section.model_fields.items()] if section else []
 
 
 def _describe(error: dict[str, Any], source: str, lines: dict[tuple[str, ...], int], overridden: set[str]) -> str:
@@ -142,4 +142,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def to_yaml(cfg: JobConfig) -> str:
     """The resolved config as YAML, as written to `output_dir/config.yaml` (it holds no secrets)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)

@@ -171,7 +171,7 @@ class Telemetry:
             # wandb reads WANDB_API_KEY (or its own login) itself; the key never passes through here.
             self.wandb = wandb.init(
                 project=lc.wandb_project, entity=lc.wandb_entity, name=self.run_name,
-                config=cfg.model_dump(mode="json"), dir=str(cfg.output_dir), resume="allow",
+                config=cfg.model_dump(mode="json", by_alias=True), dir=str(cfg.output_dir), resume="allow",
             )
         if lc.ray_metrics:
             self.ray = self._guard("ray metrics", lambda: _RayMetrics(self.run_name, cfg.algorithm.name))

@@ -9,19 +9,16 @@ timeout instead of holding a thread forever.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import logging
 import math
 import multiprocessing
-import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from rayrlhf.errors import InvalidInput
+from rayrlhf.user_code import load_object
 
 log = logging.getLogger(__name__)
 
@@ -30,30 +27,9 @@ RewardFn = Callable[..., Sequence[float | None]]
 
 def load_reward_function(spec: str, key: str = "reward.function") -> RewardFn:
     """Resolve 'path/to/file.py:fn' or 'package.module:fn' to the function, with errors naming `key` and the spec."""
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
-        raise InvalidInput(f"{key} {spec!r}: expected 'path/to/file.py:fn' or 'package.module:fn'")
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise InvalidInput(f"{key} {spec!r}: file {path} does not exist")
-        module_name = f"rayrlhf_user_reward_{abs(hash(str(path.resolve())))}"
-        loader_spec = importlib.util.spec_from_file_location(module_name, path)
-        if loader_spec is None or loader_spec.loader is None:
-            raise InvalidInput(f"{key} {spec!r}: cannot load {path} as Python")
-        module = importlib.util.module_from_spec(loader_spec)
-        sys.modules[module_name] = module
-        try:
-            loader_spec.loader.exec_module(module)
-        except Exception as exc:
-            raise InvalidInput(f"{key} {spec!r}: importing {path} failed: {exc!r}") from exc
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as exc:
-            raise InvalidInput(f"{key} {spec!r}: cannot import module {target!r} ({exc})") from exc
-    fn = getattr(module, name, None)
+    fn = load_object(spec, key, what="function", placeholder="fn")
     if not callable(fn):
+        target, _, name = spec.rpartition(":")
         raise InvalidInput(f"{key} {spec!r}: {target} has no function {name!r}")
     return fn
 
