@@ -8,6 +8,7 @@ its initial weights (file order), and the exactness test checks that it is still
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -350,6 +351,14 @@ def test_a_rank_that_stops_answering_is_declared_hung_and_its_stacks_dumped(poli
             policy3.checksums()
         [path] = dumps
         assert counters.hang_dumps == 1 and "<lambda>" in path.read_text()  # the frame rank 1 is stuck in
+        # The group is broken from now on: the next calls (queued scoring micro-batches, say) fail at once,
+        # without waiting out the timeout again or dumping again (before: one full timeout and dump each).
+        start = time.monotonic()
+        for _ in range(3):
+            with pytest.raises(TrainerFailed, match="being rebuilt"):
+                policy3.checksums()
+        assert time.monotonic() - start < 1.0 and counters.hang_dumps == 1 and len(dumps) == 1
         ray.get(stall)
     finally:
         policy3.watch(None, 60.0)
+        policy3.broken = None
