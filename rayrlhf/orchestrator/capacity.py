@@ -418,10 +418,10 @@ def _tiny_config(arch_name: str) -> dict[str, Any]:
     from rayrlhf.models.architectures import BASE_CONFIG, architecture
     from rayrlhf.models.tiny import build_tokenizer
 
-    arch = architecture(arch_name)
-    values = {**BASE_CONFIG, **arch.config}
-    values.setdefault("vocab_size", len(build_tokenizer()))
-    return AutoConfig.for_model(arch.model_type, **values).to_dict()
+    arch, tok = architecture(arch_name), build_tokenizer()
+    values = {"vocab_size": len(tok), **BASE_CONFIG, **arch.config}
+    return AutoConfig.for_model(arch.model_type, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id, **values).to_dict()
 
 
 def model_shape(name: str) -> ModelShape:
