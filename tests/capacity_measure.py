@@ -1,6 +1,6 @@
 """Measure one trainer rank's peak memory over a train step, for tests/test_capacity.py (and by hand).
 
-    python tests/capacity_measure.py MODEL_DIR STAGE RANKS ROWS PROMPT RESPONSE CHECKPOINTING
+    python tests/capacity_measure.py MODEL_DIR STAGE RANKS ROWS PROMPT RESPONSE CHECKPOINTING [OFFLOAD]
 
 Each rank is its own process running the project's real `TrainerRank` (the class under the Ray actor,
 no Ray) with DeepSpeed on CPU in float32. Method: glibc is told to serve every allocation over
@@ -49,7 +49,7 @@ def _batch(rows: int, prompt: int, response: int, vocab: int, seed: int) -> dict
 
 
 def rank_main(model: str, stage: int, ranks: int, rank: int, port: int, rows: int, prompt: int, response: int,
-              checkpointing: bool) -> None:
+              checkpointing: bool, offload: str = "none") -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -60,7 +60,7 @@ def rank_main(model: str, stage: int, ranks: int, rank: int, port: int, rows: in
     ds_comm_torch.build_shm_op = lambda: None  # plain gloo: no JIT build of DeepSpeed's CPU shm op
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
     settings = TrainerSettings(zero_stage=stage, micro_batch_size=rows, lr=1e-5, dtype="float32", bf16=False,
-                               gradient_checkpointing=checkpointing, num_threads=1)
+                               gradient_checkpointing=checkpointing, num_threads=1, offload=offload)
     cls = TrainerRank.__ray_metadata__.modified_class  # the plain class under the Ray actor
     baseline = _status("VmRSS")
     trainer = cls("policy", model, rank, ranks, "127.0.0.1", port, settings)
@@ -76,7 +76,7 @@ def rank_main(model: str, stage: int, ranks: int, rank: int, port: int, rows: in
 
 
 def measure(model: str | Path, stage: int, ranks: int, rows: int, prompt: int, response: int,
-            checkpointing: bool, timeout: float = 300) -> list[int]:
+            checkpointing: bool, offload: str = "none", timeout: float = 300) -> list[int]:
     """Peak bytes of each rank (one process each, started together)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,7 +84,7 @@ def measure(model: str | Path, stage: int, ranks: int, rows: int, prompt: int, r
     env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen(
         [sys.executable, __file__, "--rank", str(model), str(stage), str(ranks), str(r), str(port), str(rows),
-         str(prompt), str(response), str(int(checkpointing))],
+         str(prompt), str(response), str(int(checkpointing)), offload],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for r in range(ranks)]
     peaks = []
     for p in procs:
@@ -97,8 +97,8 @@ def measure(model: str | Path, stage: int, ranks: int, rows: int, prompt: int, r
 
 if __name__ == "__main__":
     if sys.argv[1] == "--rank":
-        m, st, n, r, port, rows, p, t, ck = sys.argv[2:11]
-        rank_main(m, int(st), int(n), int(r), int(port), int(rows), int(p), int(t), bool(int(ck)))
+        m, st, n, r, port, rows, p, t, ck, off = sys.argv[2:12]
+        rank_main(m, int(st), int(n), int(r), int(port), int(rows), int(p), int(t), bool(int(ck)), off)
     else:
-        m, st, n, rows, p, t, ck = sys.argv[1:8]
-        print(measure(m, int(st), int(n), int(rows), int(p), int(t), bool(int(ck))))
+        m, st, n, rows, p, t, ck, *off = sys.argv[1:9]
+        print(measure(m, int(st), int(n), int(rows), int(p), int(t), bool(int(ck)), *off))

@@ -18,6 +18,7 @@ from rayrlhf.orchestrator.capacity import (
     GiB,
     ModelShape,
     TrainerSetup,
+    host_trainer_bytes,
     layer_activation_bytes,
     logits_bytes,
     model_config,
@@ -150,23 +151,25 @@ def test_pass_rows_cut_a_shard_as_the_trainer_does(per_rank: int, width: int, mb
 
 # ---------------------------------------------------------------- estimates against measured peaks
 
-MEASURED = [  # (architecture row, its shape overrides, ZeRO stage, ranks, rows, prompt, response, checkpointing)
+MEASURED = [  # (architecture row, its shape overrides, ZeRO stage, ranks, rows, prompt, response, checkpointing, offload)
     ("qwen2", {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 2,
-               "intermediate_size": 2048}, 0, 1, 4, 64, 192, False),  # the 75M model of bench/peer_trl_grpo.py
+               "intermediate_size": 2048}, 0, 1, 4, 64, 192, False, "none"),  # the 75M model of bench/peer_trl_grpo.py
     ("qwen2", {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 2,
-               "intermediate_size": 2048}, 0, 1, 4, 64, 192, True),
+               "intermediate_size": 2048}, 0, 1, 4, 64, 192, True, "none"),
     ("llama", {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
-               "intermediate_size": 512, "vocab_size": 32000}, 0, 1, 8, 64, 128, False),  # logits dominate
+               "intermediate_size": 512, "vocab_size": 32000}, 0, 1, 8, 64, 128, False, "none"),  # logits dominate
+    ("llama", {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+               "intermediate_size": 512, "vocab_size": 32000}, 1, 1, 8, 64, 128, False, "optimizer"),  # ZeRO-Offload
     ("qwen3-moe", {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
                    "head_dim": 64, "moe_intermediate_size": 256, "num_experts": 8, "num_experts_per_tok": 2,
-                   "vocab_size": 8000}, 0, 1, 8, 64, 128, False),
+                   "vocab_size": 8000}, 0, 1, 8, 64, 128, False, "none"),
     ("gemma2", {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
                 "head_dim": 64, "query_pre_attn_scalar": 64, "intermediate_size": 768, "vocab_size": 16000},
-     0, 1, 8, 64, 128, False),
+     0, 1, 8, 64, 128, False, "none"),
     ("qwen2", {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 2,
-               "intermediate_size": 2048}, 2, 2, 2, 64, 192, False),
+               "intermediate_size": 2048}, 2, 2, 2, 64, 192, False, "none"),
     ("qwen2", {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 2,
-               "intermediate_size": 2048}, 3, 2, 2, 64, 192, False),
+               "intermediate_size": 2048}, 3, 2, 2, 64, 192, False, "none"),
 ]
 
 
@@ -180,15 +183,16 @@ def test_trainer_estimates_are_within_25_percent_of_measured_peaks(tmp_path: Pat
     from rayrlhf.models.architectures import build_architecture
 
     rows_out = []
-    for i, (arch, shape, stage, ranks, rows, prompt, response, ckpt) in enumerate(MEASURED):
+    for i, (arch, shape, stage, ranks, rows, prompt, response, ckpt, offload) in enumerate(MEASURED):
         model = build_architecture(arch, tmp_path / f"{arch}-{i}", **shape)
         setup = TrainerSetup(ranks=ranks, stage=stage, d=4, rows=rows, width=prompt + response, response=response,
-                             passes=1, checkpointing=ckpt, logits=True, cuda=False)
-        estimate = trainer_estimate(model_shape(str(model)), setup).peak
-        measured = max(measure(model, stage, ranks, rows, prompt, response, ckpt))
-        rows_out.append((arch, stage, ranks, ckpt, measured / GiB, estimate / GiB, estimate / measured))
-    report = "\n".join(f"{a:<10} ZeRO-{s} x{r} ckpt={c!s:<5} measured {m:.3f} GiB, estimate {e:.3f} GiB ({q:.2f})"
-                       for a, s, r, c, m, e, q in rows_out)
+                             passes=1, checkpointing=ckpt, logits=True, cuda=False, offload=offload)
+        shape_ = model_shape(str(model))  # on CPU the offloaded state is in the same process: add the host part
+        estimate = trainer_estimate(shape_, setup).peak + host_trainer_bytes(shape_.num_params, setup)
+        measured = max(measure(model, stage, ranks, rows, prompt, response, ckpt, offload))
+        rows_out.append((arch, stage, ranks, ckpt, offload, measured / GiB, estimate / GiB, estimate / measured))
+    report = "\n".join(f"{a:<10} ZeRO-{s} x{r} ckpt={c!s:<5} offload={o:<9} measured {m:.3f} GiB, estimate {e:.3f} GiB "
+                       f"({q:.2f})" for a, s, r, c, o, m, e, q in rows_out)
     print(report)
     assert all(0.75 <= q <= 1.25 for *_, q in rows_out), report
 

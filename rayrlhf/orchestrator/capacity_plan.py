@@ -168,7 +168,7 @@ def trainer_setup(cfg: JobConfig, role: str, gpu: bool) -> TrainerSetup:
     bf16 = t.bf16 if t.bf16 is not None else gpu
     return TrainerSetup(ranks=rc.num_ranks, stage=t.stage_for(rc.num_ranks), d=2 if bf16 else 4, rows=rows, width=width,
                         response=cfg.rollout.max_new_tokens, passes=passes, checkpointing=t.gradient_checkpointing,
-                        logits=role == "policy", cuda=gpu, offload=getattr(t, "offload", "none"))
+                        logits=role == "policy", cuda=gpu, offload=t.offload)
 
 
 def rollout_sequences(cfg: JobConfig) -> int:
@@ -377,8 +377,10 @@ def candidate_changes(cfg: JobConfig, report: CapacityReport) -> list[dict[str, 
         rows = max(trainer_setup(cfg, role, rc.num_gpus > 0).rows for role, rc in roles)
         out += [{"trainer.micro_batch_size": b} for b in _halvings(rows)]
         out += [{f"trainer.{role}.num_ranks": rc.num_ranks * k for role, rc in roles} for k in (2, 4, 8)]
-        if "offload" in type(t).model_fields:
-            out += [{"trainer.offload": "optimizer"}, {"trainer.offload": "all", "trainer.zero_stage": 3}]
+        if t.offload == "none":
+            out.append({"trainer.offload": "optimizer"} if stage else {"trainer.offload": "optimizer", "trainer.zero_stage": 2})
+        if t.offload != "all":
+            out.append({"trainer.offload": "all", "trainer.zero_stage": 3})
     if "rollout" in failing:
         out += [{"rollout.max_num_seqs": n} for n in _halvings(rollout_sequences(cfg))]
         out += [{"rollout.gpu_memory_utilization": u} for u in (0.85, 0.9, 0.95) if u > r.gpu_memory_utilization]
