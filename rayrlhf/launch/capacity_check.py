@@ -3,6 +3,8 @@
 The cluster is read after connecting: each alive node's GPU count from `ray.nodes()`, and its GPU
 memory from `nvidia-smi` run there by a zero-resource task (Ray reports GPU counts, not memory).
 CPU-only jobs, and clusters whose GPU memory cannot be read, skip the memory check with a log line.
+The cluster is taken as it is when the job starts: an autoscaling cluster that adds GPU nodes on
+demand needs `rayrlhf train --skip-capacity-check` (and `rayrlhf plan` against its full size).
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ def check_cluster_capacity(cfg: JobConfig) -> None:
     memory = probe_gpu_memory(nodes)
     gpu_nodes = [n for n in nodes if n.get("Alive") and n.get("Resources", {}).get("GPU", 0) > 0]
     if not gpu_nodes:
-        raise InvalidInput("the job asks for GPUs (rollout/trainer/servers num_gpus) but the Ray cluster has none")
+        raise InvalidInput("the job asks for GPUs (rollout/trainer/servers num_gpus) but the Ray cluster has none "
+                           "(an autoscaling cluster that adds GPU nodes on demand: --skip-capacity-check)")
     if len(memory) < len(gpu_nodes):
         log.warning("GPU memory unknown on %d node(s): skipping the capacity check (run `rayrlhf plan` with "
                     "--cluster to check the plan by hand)", len(gpu_nodes) - len(memory))
@@ -77,4 +80,5 @@ def check_cluster_capacity(cfg: JobConfig) -> None:
         fix = smallest_fix(cfg, cluster, report, shapes)
         raise InvalidInput("this job does not fit the cluster:\n  " + "\n  ".join(report.problems)
                            + (f"\nsmallest change that fits: {fix.describe()}" if fix else "")
-                           + "\n(the figures are estimates: --skip-capacity-check starts the job anyway)")
+                           + "\n(the figures are estimates, and the cluster is read as it is now: on an autoscaling "
+                           "cluster, or to start anyway, --skip-capacity-check)")
