@@ -300,3 +300,18 @@ def test_cpu_valued_keys_are_named_on_a_gpu_cluster() -> None:
     assert "rollout.gpu_memory_utilization is 0.2" in text and "rollout.enforce_eager is true" in text
     assert cpu_valued_warnings(load_config(LOCAL_GRPO), {"CPU": 2.0}) == []
     assert cpu_valued_warnings(load_config(GPU_1X8), {"GPU": 8.0}) == []
+
+
+def test_offload_moves_the_optimizer_state_to_the_host_and_the_host_is_checked() -> None:
+    # Qwen2.5-32B on one node of 8: the README table's layout (2 ranks, ZeRO-3, everything offloaded)
+    cfg = load_config(GPU_1X8, [
+        f"model.policy={QWEN['32b']}", "trainer.zero_stage=3", "trainer.offload=all", "trainer.policy.num_ranks=2",
+        "rollout.tensor_parallel_size=4", "rollout.num_gpus=4", "rollout.num_workers=1", "servers.micro_batch_size=2"])
+    roomy = check_capacity(cfg, Cluster.parse("nodes=1,gpus_per_node=8,gpu_mem_gib=80,host_mem_gib=1000"))
+    assert roomy.fits, roomy.table()
+    policy = next(a for a in roomy.actors if a.spec.role == "policy")
+    n = model_shape(str(QWEN["32b"])).num_params
+    assert policy.host == pytest.approx((16 * n + 2 * n) / 2)  # master, m, v, fp32 grads and bf16 weights, per rank
+    assert policy.estimate.terms["adam m+v"] == 0 and policy.estimate.terms["weights"] == 0
+    tight = check_capacity(cfg, Cluster.parse("nodes=1,gpus_per_node=8,gpu_mem_gib=80,host_mem_gib=256"))
+    assert any(p.startswith("host memory of node 0: ZeRO-Offload of policy-0 .. policy-1") for p in tight.problems)

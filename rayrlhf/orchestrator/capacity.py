@@ -239,7 +239,7 @@ class Estimate:
     terms: dict[str, float]
     peak: float
     phases: dict[str, float] = field(default_factory=dict)
-    budget_share: float | None = None  # vLLM: the share of the GPU the engine reserves
+    budget_share: float | None = None  # vLLM: the share of each GPU the engine reserves (gpu_memory_utilization)
     note: str = ""
 
     def gib(self) -> float:
@@ -289,6 +289,8 @@ def zero_state(n: int, s: ModelShape | None, t: TrainerSetup) -> dict[str, float
     out["reduce bucket"] = bucket if st > 0 else 0
     if t.offload in ("optimizer", "all"):
         out["master fp32"] = out["adam m+v"] = 0  # on the host (see host_trainer_bytes)
+        if st >= 2:
+            out["grads"] = 0  # the gradient partition goes to the host too; only the reduce bucket stays
     if t.offload == "all" and st == 3:
         out["weights"] = 0
     return out
@@ -339,7 +341,7 @@ def trainer_estimate(s: ModelShape, t: TrainerSetup) -> Estimate:
 
 
 def engine_estimate(s: ModelShape, d: int, tp: int, seqs: int, max_len: int, utilization: float,
-                    gpu_bytes: float, cuda_graphs: bool, cuda: bool = True) -> Estimate:
+                    cuda_graphs: bool, cuda: bool = True) -> Estimate:
     """One GPU of a vLLM engine: what it must hold inside its gpu_memory_utilization share."""
     replicated_kv = 2 * s.hidden * s.kv_width * (max(tp // max(s.kv_heads, 1), 1) - 1) * s.layers  # kv heads < TP
     weights = (s.num_params + replicated_kv) * d / tp
@@ -351,7 +353,7 @@ def engine_estimate(s: ModelShape, d: int, tp: int, seqs: int, max_len: int, uti
     need = sum(terms.values())
     one_seq = need - kv + max_len * s.kv_bytes_per_token(d, tp)
     note = f"KV for {seqs} sequences of {max_len} tokens: {kv / GiB:.2f} GiB; one sequence needs {one_seq / GiB:.2f} GiB"
-    return Estimate(terms, need, {"engine": need}, budget_share=utilization * gpu_bytes, note=note)
+    return Estimate(terms, need, {"engine": need}, budget_share=utilization, note=note)
 
 
 def server_estimate(s: ModelShape, d: int, rows: int, width: int, response: int, logprobs: bool,

@@ -178,8 +178,7 @@ def rollout_sequences(cfg: JobConfig) -> int:
     return min(share, r.max_num_seqs or VLLM_DEFAULT_SEQS)
 
 
-def actor_estimates(cfg: JobConfig, plan: ActorPlan, gpu_bytes: float,
-                    shapes: dict[str, ModelShape] | None = None) -> tuple[list[ActorMemory], dict[str, ModelShape]]:
+def actor_estimates(cfg: JobConfig, plan: ActorPlan, shapes: dict[str, ModelShape] | None = None) -> tuple[list[ActorMemory], dict[str, ModelShape]]:
     """Each actor of `plan` with its memory; `shapes` caches config.json reads between variants."""
     cache = shapes if shapes is not None else {}
 
@@ -201,7 +200,7 @@ def actor_estimates(cfg: JobConfig, plan: ActorPlan, gpu_bytes: float,
             vllm = "vLLM" in spec.path
             est = engine_estimate(s, d, r.tensor_parallel_size if gpu else 1, rollout_sequences(cfg),
                                   r.max_model_len or width, r.gpu_memory_utilization if vllm and gpu else 1.0,
-                                  gpu_bytes, cuda_graphs=vllm and not r.enforce_eager, cuda=gpu)
+                                  cuda_graphs=vllm and not r.enforce_eager, cuda=gpu)
             out.append(ActorMemory(spec, est, vllm=vllm and gpu))
             continue
         if spec.role in ("policy", "critic"):
@@ -258,7 +257,7 @@ def place(actors: list[ActorMemory], cluster: Cluster) -> list[str]:
         a.where = f"node {node} GPU{'s' if len(chosen) > 1 else ''} {_span([gpu.index for gpu in chosen])}"
         mem = cluster.nodes[node].gpu_mem_gib * GiB
         need = a.estimate.peak if a.estimate else 0.0
-        reserve = a.estimate.budget_share if a.vllm and a.estimate else None
+        reserve = a.estimate.budget_share * mem if a.vllm and a.estimate and a.estimate.budget_share else None
         others = max(gpu.used for gpu in chosen)
         if reserve is not None:
             a.budget = min(reserve, mem - others)
@@ -290,15 +289,23 @@ def _short_message(group: list[ActorMemory]) -> str:
 
 
 def _host_problems(actors: list[ActorMemory], cluster: Cluster) -> list[str]:
+    """ZeRO-Offload's host memory per node (where its ranks are placed), then everything on the host in total."""
     host = [n.host_mem_gib for n in cluster.nodes]
     if any(h is None for h in host):
         return []
+    out = []
+    for n, gib in enumerate(host):
+        on_node = [a for a in actors if a.gpus and a.gpus[0][0] == n]
+        need = sum(a.host for a in on_node)
+        if need > (gib or 0) * GiB:
+            out.append(f"host memory of node {n}: ZeRO-Offload of {_names([a.spec.name for a in on_node if a.host])} "
+                       f"needs {need / GiB:.1f} GiB, the node has {gib:g} GiB")
     need = sum(a.host for a in actors) + sum(a.estimate.peak for a in actors if a.spec.num_gpus == 0 and a.estimate)
     total = sum(h for h in host if h) * GiB
     if need > total:
-        return [f"host memory: the CPU actors and ZeRO-Offload need {need / GiB:.1f} GiB, the nodes have "
-                f"{total / GiB:.1f} GiB"]
-    return []
+        out.append(f"host memory: the CPU actors and ZeRO-Offload need {need / GiB:.1f} GiB, the nodes have "
+                   f"{total / GiB:.1f} GiB")
+    return out
 
 
 def _choose(gpus: list[list[_Gpu]], g: float, prefer: int | None) -> list[_Gpu] | None:
@@ -331,8 +338,7 @@ def _gpu_summary(actors: list[ActorMemory]) -> str:
 def check_capacity(cfg: JobConfig, cluster: Cluster, shapes: dict[str, ModelShape] | None = None) -> CapacityReport:
     """Estimate, place and check every actor of online job `cfg` on `cluster`."""
     plan = plan_actors(cfg)
-    mem = max((n.gpu_mem_gib for n in cluster.nodes), default=0.0) * GiB
-    actors, used = actor_estimates(cfg, plan, mem, shapes)
+    actors, used = actor_estimates(cfg, plan, shapes)
     problems = list(plan.problems) + place(actors, cluster)
     return CapacityReport(cluster, actors, problems, used)
 
