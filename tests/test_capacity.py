@@ -153,9 +153,9 @@ def test_pass_rows_cut_a_shard_as_the_trainer_does(per_rank: int, width: int, mb
 
 MEASURED = [  # (architecture row, its shape overrides, ZeRO stage, ranks, rows, prompt, response, checkpointing, offload)
     ("qwen2", {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 2,
-               "intermediate_size": 2048}, 0, 1, 4, 64, 192, False, "none"),  # the 75M model of bench/peer_trl_grpo.py
+               "intermediate_size": 2048}, 0, 1, 4, 64, 128, False, "none"),  # the 75M model of bench/peer_trl_grpo.py
     ("qwen2", {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 2,
-               "intermediate_size": 2048}, 0, 1, 4, 64, 192, True, "none"),
+               "intermediate_size": 2048}, 0, 1, 4, 64, 128, True, "none"),
     ("llama", {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
                "intermediate_size": 512, "vocab_size": 32000}, 0, 1, 8, 64, 128, False, "none"),  # logits dominate
     ("llama", {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
@@ -167,9 +167,9 @@ MEASURED = [  # (architecture row, its shape overrides, ZeRO stage, ranks, rows,
                 "head_dim": 64, "query_pre_attn_scalar": 64, "intermediate_size": 768, "vocab_size": 16000},
      0, 1, 8, 64, 128, False, "none"),
     ("qwen2", {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 2,
-               "intermediate_size": 2048}, 2, 2, 2, 64, 192, False, "none"),
+               "intermediate_size": 2048}, 2, 2, 2, 64, 128, False, "none"),
     ("qwen2", {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 2,
-               "intermediate_size": 2048}, 3, 2, 2, 64, 192, False, "none"),
+               "intermediate_size": 2048}, 3, 2, 2, 64, 128, False, "none"),
 ]
 
 

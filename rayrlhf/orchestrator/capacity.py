@@ -6,14 +6,16 @@ figures; docs/design.md ("Capacity planning") states the formulas and what they 
 Every figure is bytes. `d` is the bytes of one element in the compute dtype (2 bf16, 4 fp32).
 
 Trainer rank (DeepSpeed ZeRO stage s over R ranks, N parameters, AdamW):
-  weights N·d (÷R at s=3, plus up to 1e9 gathered parameters: `zero3_gathered_params`); fp32 master copy 4N (÷R at s≥1; none
-  at s=0 in fp32); Adam m and v 8N (÷R at s≥1); gradients N·d (÷R at s≥2); the reduce bucket
-  ZeRO 1-3 allocate (5e8 elements, reserved whole on a GPU, touched only up to N on CPU); the
-  step's temporaries (s=0: the flattened all-reduce copy of the gradients, and in bf16 their fp32
-  copy; s=1,2: the fp32 gradient partition; s=3: that of one 1e9-element sub-group). Activations per token per decoder layer: see
-  `layer_activation_bytes`; with gradient checkpointing only each layer's input (h·d) is kept and
-  one layer is recomputed at a time. The policy's log-probs (models/forward.py) keep, for autograd,
-  the float32 copy of every logits chunk: (4 + 2d)·rows·T·V bytes at the start of backward.
+  weights N·d (÷R at s=3, plus up to 1e9 gathered parameters: `zero3_gathered_params`); fp32
+  master copy 4N (÷R at s≥1; none at s=0 in fp32); Adam m and v 8N (÷R at s≥1); gradients N·d
+  (÷R at s≥2); the reduce bucket ZeRO 1-3 allocate (5e8 elements, reserved whole on a GPU,
+  touched only up to N on CPU); the step's temporaries (s=0: the flattened all-reduce copy of the
+  gradients, and in bf16 their fp32 copy; s=1,2: the fp32 gradient partition; s=3: that of one
+  1e9-element sub-group). ZeRO-Offload moves master, m, v (and at s≥2 the gradient partition) to
+  the host. Activations per token per decoder layer: `layer_activation_bytes`; with gradient
+  checkpointing only each layer's input (h·d) is kept and one layer is recomputed at a time. The
+  policy's log-probs (models/forward.py) keep, for autograd, the float32 copy of every logits
+  chunk: (4 + 2d)·rows·T·V bytes at the start of backward.
   Peak = max(forward/backward, optimizer step), each the sum of what is alive then.
 vLLM engine (per GPU of tensor parallel size TP): weights N·d/TP, KV cache layers·2·kv_heads/TP
   ·head_dim·d per token for the sequences decoded at once, a profile-run activation reserve, the
