@@ -206,6 +206,14 @@ def test_shipped_gpu_1x8_config_fits_one_node_of_eight_80gb_gpus() -> None:
     assert sorted(g for gpus in placed.values() for g in gpus) == [(0, i) for i in range(8)]  # every GPU, once
 
 
+@pytest.mark.parametrize("name", ["grpo.yaml", "ppo.yaml"])
+def test_shipped_2x8_configs_fit_the_a100_40gb_nodes_they_name(name: str) -> None:
+    overrides = [f"model.{k}={QWEN['7b']}" for k in ("policy", "critic", "reward")] if name == "ppo.yaml" else []
+    cfg = load_config(ROOT / "cluster_configs" / "gpu-2x8" / name, overrides)  # ppo's models live on shared storage
+    report = check_capacity(cfg, Cluster.parse("nodes=2,gpus_per_node=8,gpu_mem_gib=40"))
+    assert report.fits, report.table()
+
+
 def test_a_gpu_too_small_names_the_actor_and_by_how_much() -> None:
     report = check_capacity(load_config(GPU_1X8), Cluster.parse("nodes=1,gpus_per_node=8,gpu_mem_gib=40"))
     assert not report.fits

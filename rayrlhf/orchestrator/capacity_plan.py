@@ -283,7 +283,7 @@ def _short_message(group: list[ActorMemory]) -> str:
     a = group[0]
     assert a.estimate is not None and a.budget is not None
     kind = "of its gpu_memory_utilization share" if a.vllm else "of GPU memory"
-    return (f"{_names([g.spec.name for g in group])} need {a.estimate.gib():.1f} GiB per GPU, "
+    return (f"{_names([g.spec.name for g in group])} need{'s' if len(group) == 1 else ''} {a.estimate.gib():.1f} GiB per GPU, "
             f"{a.budget / GiB:.1f} GiB {kind} is available: {(a.estimate.peak - a.budget) / GiB:.1f} GiB short "
             f"({a.estimate.describe()})")
 
