@@ -178,7 +178,8 @@ def rollout_sequences(cfg: JobConfig) -> int:
     return min(share, r.max_num_seqs or VLLM_DEFAULT_SEQS)
 
 
-def actor_estimates(cfg: JobConfig, plan: ActorPlan, shapes: dict[str, ModelShape] | None = None) -> tuple[list[ActorMemory], dict[str, ModelShape]]:
+def actor_estimates(cfg: JobConfig, plan: ActorPlan,
+                    shapes: dict[str, ModelShape] | None = None) -> tuple[list[ActorMemory], dict[str, ModelShape]]:
     """Each actor of `plan` with its memory; `shapes` caches config.json reads between variants."""
     cache = shapes if shapes is not None else {}
 
