@@ -23,7 +23,8 @@ GPU_2X8 = ROOT / "cluster_configs" / "gpu-2x8"
 
 def test_every_job_config_under_cluster_configs_is_found() -> None:
     names = {str(p.relative_to(ROOT / "cluster_configs")) for p in JOB_CONFIGS}
-    assert {"gpu-2x8/ppo.yaml", "gpu-2x8/grpo.yaml", "local-cpu/grpo.yaml", "local-cpu/ppo.yaml", "local-cpu/sft.yaml"} <= names
+    assert {"gpu-2x8/ppo.yaml", "gpu-2x8/grpo.yaml", "gpu-1x8/grpo.yaml", "local-cpu/grpo.yaml", "local-cpu/ppo.yaml",
+            "local-cpu/sft.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "cluster_configs")))
@@ -64,6 +65,8 @@ def test_shipped_job_config_constructs(path: Path) -> None:
     (["trainer.policy.num_gpus=0.5"], "trainer.policy.num_gpus = 0.5: a rank needs whole GPUs"),
     (["trainer.policy.num_gpus=1", "servers.weight_sync_backend=collective"], "servers.weight_sync_backend: collective"),
     (["rollout.backend=hf", "model.policy=tiny:qwen3-moe"], "rollout.backend: hf cannot take weight updates"),
+    (["trainer.offload=optimizer"], "trainer.offload: optimizer needs trainer.zero_stage >= 1"),
+    (["trainer.offload=all", "trainer.zero_stage=2"], "trainer.offload: all needs trainer.zero_stage >= 3"),
 ])
 def test_plan_refuses_what_cannot_run(overrides: list[str], problem: str) -> None:
     cfg = load_config(ROOT / "cluster_configs" / "local-cpu" / "grpo.yaml", overrides)
@@ -91,3 +94,20 @@ def test_validate_prints_the_plan_and_train_refuses_a_bad_one_before_ray(tmp_pat
     )
     assert bad.returncode == 2 and "needs rollout.backend: vllm" in bad.stderr, bad.stderr[-2000:]
     assert "Traceback" not in bad.stderr and not (tmp_path / "config.yaml").exists()  # nothing started or written
+
+
+def test_offload_reaches_deepspeed_and_the_plan() -> None:
+    cfg = load_config(ROOT / "cluster_configs" / "local-cpu" / "grpo.yaml", ["trainer.offload=all", "trainer.zero_stage=3"])
+    zero = deepspeed_config(trainer_settings(cfg, "policy", total_steps=1), 1, bf16=False)["zero_optimization"]
+    assert zero == {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
+    assert "offload all to host memory" in check_plan(cfg).of("policy")[0].path
+    plain = load_config(ROOT / "cluster_configs" / "local-cpu" / "grpo.yaml")
+    assert deepspeed_config(trainer_settings(plain, "policy", total_steps=1), 1, bf16=False)["zero_optimization"] == {"stage": 0}
+
+
+def test_gpu_1x8_config_is_accepted_by_validate_and_plan() -> None:
+    config = str(ROOT / "cluster_configs" / "gpu-1x8" / "grpo.yaml")
+    for args in (["validate", config], ["plan", config, "--cluster", "nodes=1,gpus_per_node=8,gpu_mem_gib=80"]):
+        done = subprocess.run([sys.executable, "-m", "rayrlhf.launch.cli", *args], capture_output=True, text=True,
+                              cwd=ROOT, timeout=300)
+        assert done.returncode == 0, done.stderr

@@ -73,6 +73,7 @@ class TrainerSettings:
     max_grad_norm: float = 1.0
     bf16: bool | None = None  # None: on where CUDA supports bf16
     gradient_checkpointing: bool = False
+    offload: str = "none"  # none | optimizer | all (ZeRO-Offload to host memory)
     dtype: str = "auto"
     trust_remote_code: bool = False
     seed: int = 0
@@ -84,14 +85,20 @@ class TrainerSettings:
 
 def deepspeed_config(s: TrainerSettings, world_size: int, bf16: bool) -> dict[str, Any]:
     """The DeepSpeed config of one rank (gradient accumulation is driven by hand, see the module docstring)."""
+    zero: dict[str, Any] = {"stage": s.zero_stage}
+    if s.offload in ("optimizer", "all"):  # the torch AdamW steps the host partition (no DeepSpeedCPUAdam JIT build)
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if s.offload == "all":
+        zero["offload_param"] = {"device": "cpu"}
     return {
         "train_micro_batch_size_per_gpu": s.micro_batch_size or 1,
         "gradient_accumulation_steps": s.gradient_accumulation_steps,
         "train_batch_size": (s.micro_batch_size or 1) * s.gradient_accumulation_steps * world_size,
         "gradient_clipping": s.max_grad_norm,
         "bf16": {"enabled": bf16},
-        "zero_optimization": {"stage": s.zero_stage},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch AdamW: no JIT build of DeepSpeed's cpu_adam
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

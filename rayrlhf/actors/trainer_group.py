@@ -67,6 +67,7 @@ def trainer_settings(cfg: JobConfig, role: str, total_steps: int) -> TrainerSett
         max_grad_norm=t.max_grad_norm,
         bf16=t.bf16,
         gradient_checkpointing=t.gradient_checkpointing,
+        offload=t.offload,
         dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code,
         seed=cfg.seed,

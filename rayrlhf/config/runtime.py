@@ -86,6 +86,10 @@ class TrainerConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     bf16: bool | None = Field(None, description="bfloat16 mixed precision; default: on where the GPU supports it, off on CPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    offload: Literal["none", "optimizer", "all"] = Field(
+        "none", description="ZeRO-Offload to host memory: the optimizer state (ZeRO >= 1), or with 'all' also the "
+        "parameters (ZeRO-3); less GPU memory, slower steps (`rayrlhf plan` counts the host memory)."
+    )
     policy: RoleConfig = Field(default_factory=RoleConfig, description="The policy trainer group.")
     critic: RoleConfig = Field(default_factory=lambda: RoleConfig(lr=5e-6), description="The critic trainer group (ppo only).")
 

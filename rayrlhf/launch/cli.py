@@ -39,6 +39,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Each actor's memory on the cluster; exit 2 naming what does not fit and the smallest change that fits."""
+    from rayrlhf.orchestrator.capacity_plan import Cluster, check_capacity, cpu_valued_warnings, smallest_fix
+
+    cluster = Cluster.parse(args.cluster)
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.algorithm.is_online:
+        raise InvalidInput(f"rayrlhf plan sizes online jobs; algorithm.name={cfg.algorithm.name} is offline")
+    for warning in cpu_valued_warnings(cfg, {"GPU": float(cluster.total_gpus)}):
+        log.warning("%s", warning)
+    shapes: dict = {}
+    report = check_capacity(cfg, cluster, shapes)
+    sys.stdout.write(report.table() + "\n")
+    if report.fits:
+        return EXIT_OK
+    fix = smallest_fix(cfg, cluster, report, shapes)
+    advice = (f"smallest change that fits: {fix.describe()}" if fix else
+              "no single change (or pair) of micro-batch, ZeRO stage, ranks, checkpointing, tensor parallelism or "
+              "server sharing fits: the cluster is too small for this job")
+    raise InvalidInput("this job does not fit the cluster:\n  " + "\n  ".join(report.problems) + "\n" + advice)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Run one job on the cluster named by --address / RAY_ADDRESS, or on an embedded local Ray."""
     from rayrlhf.launch.run import run_job
@@ -47,7 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.address:
         overrides.append(f"ray.address={args.address}")
     cfg = load_config(args.config, overrides)
-    run_job(cfg, resume=args.resume)
+    run_job(cfg, resume=args.resume, capacity_check=not args.skip_capacity_check)
     return EXIT_OK
 
 
@@ -81,10 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="validate a config and print it resolved")
     _add_config_args(validate)
     validate.set_defaults(func=cmd_validate)
+    plan = sub.add_parser("plan", help="estimate each actor's memory on a cluster; exit 2 when it does not fit")
+    _add_config_args(plan)
+    plan.add_argument("--cluster", required=True, metavar="nodes=N,gpus_per_node=G,gpu_mem_gib=M[,host_mem_gib=H]",
+                      help="the cluster to plan for, e.g. nodes=1,gpus_per_node=8,gpu_mem_gib=80")
+    plan.set_defaults(func=cmd_plan)
     train = sub.add_parser("train", help="run a job (online RL, or SFT / RM / DPO by algorithm.name)")
     _add_config_args(train)
     train.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/latest")
     train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+    train.add_argument("--skip-capacity-check", action="store_true",
+                       help="start a GPU job even when the planner estimates it does not fit the cluster")
     train.set_defaults(func=cmd_train)
     demo = sub.add_parser("demo", help="the whole InstructGPT pipeline (SFT -> reward model -> PPO) on a tiny local model")
     demo.add_argument("--output-dir", default="outputs/demo", help="where the stages and summary.json go (default: %(default)s)")

@@ -11,8 +11,9 @@ from rayrlhf.launch.ray_init import connect
 log = logging.getLogger(__name__)
 
 
-def run_job(cfg: JobConfig, resume: bool = False) -> Path:
-    """Run `cfg` to completion and return the folder of the final model."""
+def run_job(cfg: JobConfig, resume: bool = False, capacity_check: bool = True) -> Path:
+    """Run `cfg` to completion and return the folder of the final model; an online job that asks for GPUs is
+    first checked against the cluster's GPUs and their memory (`capacity_check`)."""
     import ray
 
     from rayrlhf.orchestrator.run_dir import claim_output_dir
@@ -37,6 +38,10 @@ def run_job(cfg: JobConfig, resume: bool = False) -> Path:
                 offline.shutdown()
         from rayrlhf.orchestrator.online import OnlineRL
 
+        if capacity_check:
+            from rayrlhf.launch.capacity_check import check_cluster_capacity
+
+            check_cluster_capacity(cfg)  # before any actor starts: exit 2 naming what does not fit
         job = OnlineRL(cfg, resume=resume, checked=checked)
         try:
             return job.run()

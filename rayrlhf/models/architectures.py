@@ -90,9 +90,9 @@ def build_architecture(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
-    values = {**BASE_CONFIG, **arch.config, **overrides}
-    config = AutoConfig.for_model(
-        arch.model_type, vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+    values = {"vocab_size": len(tok), **BASE_CONFIG, **arch.config, **overrides}  # a larger vocab_size: ids past the
+    config = AutoConfig.for_model(  # tokenizer's are never produced by it, but size the embeddings and logits
+        arch.model_type, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, dtype="float32", **values,
     )
     torch.manual_seed(seed)

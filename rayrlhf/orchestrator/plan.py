@@ -117,7 +117,8 @@ def _trainer_path(cfg: JobConfig, role: str, gpu: bool, ranks: int) -> str:
     t = cfg.trainer
     precision = ("bf16" if t.bf16 else "fp32") if t.bf16 is not None else ("bf16 where supported" if gpu else "fp32")
     return (f"DeepSpeed ZeRO-{t.stage_for(ranks)}, {'nccl' if gpu else 'gloo'}, {precision}"
-            + (", gradient checkpointing" if t.gradient_checkpointing else ""))
+            + (", gradient checkpointing" if t.gradient_checkpointing else "")
+            + (f", offload {t.offload} to host memory" if t.offload != "none" else ""))
 
 
 def plan_actors(cfg: JobConfig) -> ActorPlan:
@@ -151,6 +152,10 @@ def plan_actors(cfg: JobConfig) -> ActorPlan:
     if cfg.algorithm.name == "ppo":
         roles.append(("critic", cfg.trainer.critic))
     for role, rc in roles:
+        stage = cfg.trainer.stage_for(rc.num_ranks)
+        if cfg.trainer.offload != "none" and stage < (3 if cfg.trainer.offload == "all" else 1):
+            problems.append(f"trainer.offload: {cfg.trainer.offload} needs trainer.zero_stage >= "
+                            f"{3 if cfg.trainer.offload == 'all' else 1} (the {role} group runs ZeRO-{stage})")
         if 0 < rc.num_gpus < 1 or rc.num_gpus != int(rc.num_gpus):
             problems.append(f"trainer.{role}.num_gpus = {rc.num_gpus:g}: a rank needs whole GPUs "
                             "(ranks of one NCCL group cannot share a GPU)")
