@@ -230,21 +230,29 @@ def _equal_figures(straight: list[dict], chaos: list[dict], keys: tuple[str, ...
 # ------------------------------------------------------------------------------------- 1. workers
 
 def _worker_faults(chaos: Chaos) -> None:
+    """Each kill is followed by holding the job (its reward calls wait) until the worker's new process answers, so
+    the short job does not end before the worker could come back."""
     chaos.steps_done(1)
-    chaos.kill_mid_rollout("rollout-0", max_delay_s=0.05)  # a. mid-rollout
+    pid = chaos.kill_mid_rollout("rollout-0", max_delay_s=0.05)  # a. mid-rollout
+    chaos.hold_until_restarted("rollout-0", pid)
     chaos.steps_done(3)
+    pid = _pid("rollout-1")
     chaos.kill_inside("rollout-1", _in_sync, "kill rollout-1 in its weight sync")  # b. inside the sync
+    chaos.hold_until_restarted("rollout-1", pid)
     chaos.wait(lambda: chaos.last("faults/worker_restarts") >= 2, "both workers back", timeout_s=300)
     evaluating = chaos.out.parent / "chaos_reward.eval"
     evaluating.unlink(missing_ok=True)
     chaos.wait(evaluating.exists, "the step-5 evaluation scoring")  # c. during an evaluation
-    chaos.kill(_pid("rollout-0"), "kill rollout-0 during the evaluation")
+    pid = _pid("rollout-0")
+    chaos.kill(pid, "kill rollout-0 during the evaluation")
+    chaos.hold_until_restarted("rollout-0", pid)
     chaos.wait(lambda: chaos.last("faults/worker_restarts") >= 3, "rollout-0 back")
     stalled = _pid("rollout-1")
     ray.get(ray.get_actor("rollout-1").__ray_call__.remote(_stall_engine))  # d. a hung engine
     chaos.injected.append("hang rollout-1")
     chaos.wait(lambda: chaos.last("faults/hangs") >= 1, "the hang found")
     chaos.hold_until_restarted("rollout-1", stalled)
+    chaos.wait(lambda: chaos.last("faults/worker_restarts") >= 4, "rollout-1 back")
 
 
 def test_worker_faults_train_every_sample_of_every_step_exactly_once(ray_local: None, tmp_path: Path) -> None:
@@ -254,7 +262,7 @@ def test_worker_faults_train_every_sample_of_every_step_exactly_once(ray_local: 
            "rollout.num_workers=2", "rollout.num_cpus=0.5", "rollout.max_new_tokens=24", "rollout.min_new_tokens=16",
            "schedule.steps=10", "schedule.prompts_per_step=8", "algorithm.group_size=4", "rollout.micro_batch_size=4",
            "checkpoint.every=0", "rollout.dump_every=1", "faults.generation_timeout_s=20",
-           "faults.generation_timeout_per_token_s=0", "faults.heartbeat_s=3", "reward.timeout_s=400")
+           "faults.generation_timeout_per_token_s=0", "faults.sync_timeout_s=20", "faults.heartbeat_s=3", "reward.timeout_s=400")
     straight = train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "straight", *job)
     chaos = Chaos(tmp_path / "chaos", _worker_faults)
     rows = chaos.during(lambda: train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "chaos", *job))
@@ -358,7 +366,7 @@ def test_asynchronous_mode_with_one_worker_survives_its_crash_mid_rollout(ray_lo
         chaos.steps_done(2)
         chaos.kill_mid_rollout("rollout-0")
 
-    straight = train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "straight", *job)
+    train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "straight", *job)
     chaos = Chaos(tmp_path / "async", kill_the_worker)
     rows = chaos.during(lambda: train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "async", *job))
     assert chaos.error is None and chaos.injected == ["kill rollout-0"], repr(chaos.error)

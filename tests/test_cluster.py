@@ -13,21 +13,15 @@ import json
 import os
 import re
 import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from raycluster import Head, http_get, ray_cluster
 
 from rayrlhf.config import load_config
 from rayrlhf.launch.submit import STAGE_DIR, auth_headers, entrypoint, find_auth_token
@@ -39,146 +33,11 @@ BIN = Path(sys.executable).parent
 RAYRLHF = str(BIN / "rayrlhf")
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _session_pids(sid: int) -> list[int]:
-    """Processes whose session id is `sid`: everything the head we started spawned, and nothing else."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == sid:
-                    pids.append(int(entry.name))
-            except (ProcessLookupError, PermissionError):
-                pass
-    return pids
-
-
-def _get(url: str, headers: dict[str, str] | None = None, timeout: float = 5.0) -> tuple[int, str]:
-    req = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace")
-
-
-@dataclass
-class Head:
-    dashboard: str
-    metrics_url: str
-    env: dict[str, str]  # a client environment holding the token file path (RAY_AUTH_MODE unset)
-    token_file: Path
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token_file.read_text()}"}
-
-
 @pytest.fixture(scope="class")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
     """A real single-node Ray cluster with token auth, started and stopped by this fixture only."""
-    # A short temp dir: Ray's unix sockets live under it and their paths are limited to 107 bytes.
-    temp_dir = Path(tempfile.mkdtemp(prefix="rrl-", dir="/tmp"))
-    token_file = tmp_path_factory.mktemp("auth") / "auth_token"
-    token_file.write_text(secrets.token_hex(16))
-    token_file.chmod(0o600)
-    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    # The head is started as from a virtualenv that was not activated: `ray` by its full path, and
-    # the venv's bin/ (with `rayrlhf`) not on PATH, so jobs must find rayrlhf without it. Only the
-    # venv's `ninja` is put first on PATH: DeepSpeed JIT-builds its CPU op with the PATH's ninja,
-    # and another one than this test session's other processes use would rebuild it.
-    shim = temp_dir / "bin"
-    shim.mkdir()
-    (shim / "ninja").symlink_to(BIN / "ninja")
-    path = [p for p in base.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != BIN.resolve()]
-    base["PATH"] = os.pathsep.join([str(shim), *path])
-    env = {
-        **base,
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(token_file),
-        "RAY_metrics_report_interval_ms": "1000",  # export every second (default 10 s): the test job is short
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    auth = {"Authorization": f"Bearer {token_file.read_text()}"}  # the fixture's own readiness probe
-    procs: list[subprocess.Popen] = []
-    try:
-        # A free port can be taken by another process before Ray binds it; then `ray start` exits
-        # and the head is started again on new ports.
-        for attempt in range(3):
-            # The runtime-env agent binds a port of its own choosing (0): a port picked here could be taken, before
-            # `ray start` binds it, by another Ray's worker; the head would then come up talking to that Ray's agent,
-            # which refuses this head's token (403) and fails every job's runtime env.
-            gcs, dash, metrics, client, agent, agent_grpc, node_mgr, obj_mgr = _free_ports(8)
-            cmd = [
-                str(BIN / "ray"), "start", "--head", "--block", f"--temp-dir={temp_dir}", "--num-cpus=8",
-                f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-                f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
-                f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-                "--runtime-env-agent-port=0", f"--node-manager-port={node_mgr}",
-                f"--object-manager-port={obj_mgr}", "--min-worker-port=0", "--max-worker-port=0",
-            ]
-            log_path = temp_dir / f"head-{attempt}.log"
-            with log_path.open("w") as log_fh:
-                procs.append(subprocess.Popen(cmd, env=env, stdout=log_fh, stderr=subprocess.STDOUT, start_new_session=True))
-            dashboard = f"http://127.0.0.1:{dash}"
-            if _wait_for_head(procs[-1], f"{dashboard}/api/jobs/", auth, log_path):
-                break
-            _stop_session(procs[-1])
-        else:
-            raise RuntimeError(f"ray start failed 3 times; the last log:\n{log_path.read_text()[-3000:]}")
-        client_env = {**base, "RAY_AUTH_TOKEN_PATH": str(token_file)}
-        yield Head(dashboard, f"http://127.0.0.1:{metrics}/metrics", client_env, token_file)
-    finally:
-        for proc in procs:
-            _stop_session(proc)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _wait_for_head(proc: subprocess.Popen, probe: str, auth: dict[str, str], log_path: Path) -> bool:
-    """True once the dashboard answers an authenticated request; False if `ray start` exited."""
-    deadline = time.monotonic() + 180
-    while proc.poll() is None:
-        try:
-            if _get(probe, auth)[0] == 200:
-                return True
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the Ray head did not come up in 180 s:\n{log_path.read_text()[-3000:]}")
-        time.sleep(1)
-    return False
-
-
-def _stop_session(proc: subprocess.Popen) -> None:
-    """Stop one head we started: `ray start --block` stops its children on SIGTERM; stragglers of
-    its session (and only those) get SIGKILL."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    deadline = time.monotonic() + 20
-    while _session_pids(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for pid in _session_pids(proc.pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    with ray_cluster(tmp_path_factory.mktemp("auth")) as head:
+        yield head
 
 
 class MetricsScraper(threading.Thread):
@@ -196,7 +55,7 @@ class MetricsScraper(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             try:
-                _, text = _get(self.url, timeout=3)
+                _, text = http_get(self.url, timeout=3)
                 for line in text.splitlines():
                     m = self.LINE.match(line)
                     if m:
@@ -272,7 +131,7 @@ def test_token_lookup_follows_rays_order(tmp_path: Path, monkeypatch: pytest.Mon
 @pytest.mark.slow
 class TestCluster:
     def test_auth_is_on_and_a_wrong_token_is_refused(self, ray_head: Head) -> None:
-        assert _get(f"{ray_head.dashboard}/api/jobs/")[0] == 401  # no token: refused
+        assert http_get(f"{ray_head.dashboard}/api/jobs/")[0] == 401  # no token: refused
         proc = _run(
             [RAYRLHF, "submit", str(GRPO), "--address", ray_head.dashboard, "--no-working-dir"],
             {**ray_head.env, "RAY_AUTH_TOKEN": "not-the-token"}, 120,
@@ -403,3 +262,50 @@ def test_telemetry_records_a_row_without_errors(ray_local: None, tmp_path: Path)
     telemetry.close()
     assert telemetry.ray is not None and not telemetry._failed
     assert telemetry.run_name == "tele"
+
+
+def _wait_rows(path: Path, n: int, timeout_s: float = 400) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not (path.is_file() and sum(1 for line in path.read_text().splitlines() if '"step": 0' not in line) >= n):
+        assert time.monotonic() < deadline, f"{path} did not reach {n} rows"
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_ray_job_stop_checkpoints_and_submit_resume_continues_exactly(tmp_path: Path) -> None:
+    """`ray job stop` gives the job RAY_JOB_STOP_WAIT_TIME_S to finish its step and checkpoint (rayrlhf submit sets it:
+    Ray's default, 3 s, is shorter than a step), and `rayrlhf submit --resume` continues it; the stopped-and-resumed
+    run equals one that ran straight through."""
+    slow = tmp_path / "slow_reward.py"  # a step of ~1.5 s, so the stop lands mid-run
+    slow.write_text("import time\nfrom rayrlhf.rewards.tasks import sort_reward\n\n"
+                    "def reward(prompts, responses, answer, **_):\n    time.sleep(1.5)\n"
+                    "    return sort_reward(prompts, responses, answer)\n")
+    job = ["--set", "schedule.steps=6", "--set", "rollout.backend=hf", "--set", "checkpoint.every=0", "--set",
+           "data.eval=null", "--set", f"reward.function={slow}:reward", "--set", "rollout.micro_batch_size=64"]
+    with ray_cluster(tmp_path) as head:
+        def submit(out: Path, *extra: str) -> subprocess.CompletedProcess:
+            return _run([RAYRLHF, "submit", str(GRPO), "--address", head.dashboard, *job, "--set", f"output_dir={out}",
+                         *extra], head.env, 600)
+
+        straight = submit(tmp_path / "straight", "--follow")
+        assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-2000:]
+        started = submit(tmp_path / "stopped")
+        assert started.returncode == 0, started.stderr[-2000:]
+        job_id = re.search(r"submitted job (\S+)", started.stdout).group(1)
+        _wait_rows(tmp_path / "stopped" / "metrics.jsonl", 2)
+        env = {**head.env, "RAY_AUTH_MODE": "token", "RAY_API_SERVER_ADDRESS": head.dashboard}
+        stop = _run([str(BIN / "ray"), "job", "stop", job_id], env, 600)
+        assert stop.returncode == 0 and "stopped" in (stop.stdout + stop.stderr).lower(), stop.stdout + stop.stderr
+        logs = _run([str(BIN / "ray"), "job", "logs", job_id], env, 120).stdout
+        assert "stopped on SIGTERM after step" in logs, logs[-3000:]
+        stopped_at = int((tmp_path / "stopped" / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+        assert 2 <= stopped_at < 6
+        resumed = submit(tmp_path / "stopped", "--resume", "--follow")
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
+        assert "--resume" in resumed.stdout
+    a = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == [r["step"] for r in a] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b, strict=True):
+        for key in ("reward/mean", "kl/mean", "response/length_mean", "policy/loss", "data/epoch"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
