@@ -606,3 +606,29 @@ def test_sample_metrics_mean_and_pass_at_k_with_unscored_samples():
     assert sample_metrics([[0.6, 0.4]], ks=[1], threshold=0.5)["pass@1"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="at least 3 samples"):
         sample_metrics([[1.0, 0.0]], ks=[3], threshold=1.0)
+
+
+def test_gae_and_reward_to_go_skip_environment_tokens_inside_a_row() -> None:
+    """A multi-turn row: policy tokens, then an environment's reply (mask 0), then policy tokens again. GAE and
+    REINFORCE++'s reward-to-go must equal those of the policy tokens alone, laid end to end: the environment's
+    tokens neither earn nor discount (before, a masked token ended the episode there)."""
+    from rayrlhf.algorithms import gae, reinforce_pp_returns
+
+    rewards = torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.2, 0.4, 9.0, 9.0, 0.1, 0.3, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]])  # two turns; the last column is padding
+    keep = mask[0] != 0
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    adv_c, ret_c = gae(rewards[:, keep], values[:, keep], mask[:, keep], gamma=0.9, lam=0.8)
+    assert torch.allclose(adv[:, keep], adv_c) and torch.allclose(ret[:, keep], ret_c)
+    assert torch.all(adv[:, ~keep] == 0) and torch.all(ret[:, ~keep] == 0)
+    # by hand, compacted: r = [0, .5, 0, 1], V = [.2, .4, .1, .3], gamma .9, lambda .8
+    d = [0 + 0.9 * 0.4 - 0.2, 0.5 + 0.9 * 0.1 - 0.4, 0 + 0.9 * 0.3 - 0.1, 1.0 - 0.3]
+    a3 = d[3]
+    a2 = d[2] + 0.72 * a3
+    a1 = d[1] + 0.72 * a2
+    a0 = d[0] + 0.72 * a1
+    assert torch.allclose(adv_c, torch.tensor([[a0, a1, a2, a3]]))
+    g = reinforce_pp_returns(rewards, mask, gamma=0.9)
+    assert torch.allclose(g[:, keep], reinforce_pp_returns(rewards[:, keep], mask[:, keep], gamma=0.9))
+    assert torch.allclose(g[0, keep], torch.tensor([0.9 * (0.5 + 0.9 * 0.9 * 1.0), 0.5 + 0.81, 0.9, 1.0]))

@@ -144,6 +144,12 @@ class FakePool:
                         sink.put((sid, StreamError("error", "RuntimeError: engine failed"), time.monotonic()))
                         sink.put((sid, END, time.monotonic()))
                         return
+                    if behaviour == "stale":  # restarted unnoticed: it samples with its initial weights
+                        c = _completion(r, i, self.names[worker])
+                        c.weight_version = 9
+                        sink.put((sid, [c], time.monotonic()))
+                        sink.put((sid, END, time.monotonic()))
+                        return
                     if behaviour == "short" and delivered == 1:
                         sink.put((sid, END, time.monotonic()))
                         return
@@ -178,7 +184,8 @@ class FakePool:
 
 
 def _run(pool: FakePool, reqs: list[GenerationRequest], rejoin=None, **kwargs):
-    scored, _ = stream_rollouts(pool, reqs, lambda batch: {"n": len(batch)}, micro_batch_size=4, rejoin=rejoin, **kwargs)
+    scored, _ = stream_rollouts(pool, reqs, lambda batch: {"n": len(batch)}, micro_batch_size=4, rejoin=rejoin,
+                                expected_version=0, **kwargs)
     keys = [(c.request_id, c.sample_index) for batch, _ in scored for c in batch]
     return keys, scored
 
@@ -195,14 +202,15 @@ def test_core_delivers_every_sample_once_on_healthy_workers() -> None:
     assert pool.served[0] == pool.served[1] == 12  # least-loaded dispatch splits evenly
 
 
-@pytest.mark.parametrize("behaviour", ["die:3", "engine", "short"])
+@pytest.mark.parametrize("behaviour", ["die:3", "engine", "short", "stale"])
 def test_core_re_sends_what_a_failed_worker_owed(behaviour: str) -> None:
     pool = FakePool(2)
     pool.plan[0] = [behaviour]
     reqs = _requests(6)
-    keys, _ = _run(pool, reqs, rejoin=pool.rejoin)
+    keys, scored = _run(pool, reqs, rejoin=pool.rejoin)
     assert sorted(keys) == _every(reqs)  # none lost, none twice
     assert pool.failures[0][0] == 0 and pool.counters.redispatched_samples > 0
+    assert all(c.weight_version == 0 for batch, _ in scored for c in batch)  # a stale worker's samples are dropped
 
 
 def test_core_finds_a_hung_worker_and_a_restarted_one_rejoins_mid_rollout() -> None:

@@ -51,12 +51,14 @@ class _Route:
 class RolloutWorker:
     """One generation engine behind a streaming, versioned, thread-safe actor interface."""
 
-    def __init__(self, name: str, backend: str, engine_kwargs: dict[str, Any], cpus: list[int] | None = None) -> None:
+    def __init__(self, name: str, backend: str, engine_kwargs: dict[str, Any], cpus: list[int] | None = None,
+                 episodes: dict[str, Any] | None = None) -> None:
         started = time.perf_counter()
         pin_to_cores(cpus)  # before the engine starts its threads (and TP processes), which inherit it
         self._name = name
         self._backend = backend
         self._engine: Engine = make_engine(backend, **engine_kwargs)
+        self._episodes = self._episode_runner(episodes) if episodes else None
         self._engine_lock = threading.Lock()  # held for every engine call
         self._cond = threading.Condition()  # guards the fields below; wakes the loop
         self._inbox: list[GenerationRequest] = []
@@ -70,6 +72,29 @@ class RolloutWorker:
         self._thread = threading.Thread(target=self._loop, name=f"{name}-engine", daemon=True)
         self._thread.start()
         log.info("%s: %s engine started in %.1f s", name, backend, time.perf_counter() - started)
+
+    def _episode_runner(self, episodes: dict[str, Any]) -> Any:
+        """Multi-turn episodes (rayrlhf/actors/episodes.py): environments in child processes beside this worker, or
+        the env actors; the chat format renders the turns around the sampled tokens."""
+        from rayrlhf.actors.episodes import EpisodeRunner
+        from rayrlhf.data.chat import chat_format
+        from rayrlhf.envs import make_env_client
+        from rayrlhf.models.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(episodes["model_path"], episodes.get("trust_remote_code", False))
+        fmt = chat_format(tokenizer, episodes.get("apply_chat_template", True))
+        envs = make_env_client(episodes["env"], self._name)
+        return EpisodeRunner(envs, fmt, self._submit_turn, self._deliver_episode)
+
+    def _submit_turn(self, request: GenerationRequest) -> None:
+        with self._cond:
+            self._inbox.append(request)
+            self._cond.notify_all()
+
+    def _deliver_episode(self, completion: Completion) -> None:
+        with self._cond:
+            completion.worker = self._name
+            self._deliver(completion)
 
     # ----- engine loop ------------------------------------------------------------------------
 
@@ -85,11 +110,15 @@ class RolloutWorker:
                     with self._cond:
                         self._inbox[:0] = inbox
                     continue
+                rejected_turns = []
                 for request in inbox:
                     try:
                         self._engine.add(request)
-                    except Exception as exc:  # bad request: fail its call, keep serving others
-                        self._reject(request, exc)
+                    except Exception as exc:  # bad request: fail its call (or its episode), keep serving others
+                        if self._episodes is not None and self._episodes.owns(request.request_id):
+                            rejected_turns.append((request, exc))
+                        else:
+                            self._reject(request, exc)
                 try:
                     if self._engine.has_unfinished():
                         finished = self._engine.step()
@@ -99,12 +128,20 @@ class RolloutWorker:
                     self._fail_all(exc)
                     return
                 version = self._version
+            turns = []
             with self._cond:
                 self._busy = busy
                 for completion in finished:
                     completion.weight_version = version
                     completion.worker = self._name
-                    self._deliver(completion)
+                    if self._episodes is not None and self._episodes.owns(completion.request_id):
+                        turns.append(completion)
+                    else:
+                        self._deliver(completion)
+            for completion in turns:  # outside the lock: the episode hands the turn to its environment
+                self._episodes.on_turn(completion)
+            for request, exc in rejected_turns:
+                self._episodes.rejected(request, exc)
 
     def _deliver(self, completion: Completion) -> None:
         """Hand a completion to its caller (called with self._cond held)."""
@@ -125,6 +162,8 @@ class RolloutWorker:
                 route.sink.put(ValueError(f"request {request.request_id!r} rejected by the engine: {exc}"))
 
     def _fail_all(self, exc: BaseException) -> None:
+        if self._episodes is not None:
+            self._episodes.abort(f"the engine failed: {exc!r}")
         with self._cond:
             self._failed = exc
             for route in self._routes.values():
@@ -155,8 +194,13 @@ class RolloutWorker:
             for request in requests:
                 self._routes[request.request_id] = _Route(sink, len(request.sample_indices))
                 self._outstanding += len(request.sample_indices)
-            self._inbox.extend(requests)
+            episodes = [r for r in requests if r.episode is not None]
+            if episodes and self._episodes is None:
+                raise ValueError(f"{self._name}: multi-turn requests, but this worker was started without env.*")
+            self._inbox.extend(r for r in requests if r.episode is None)
             self._cond.notify_all()
+        for request in episodes:  # their turns reach the engine as their environments answer
+            self._episodes.start(request)
         due = sum(len(r.sample_indices) for r in requests)
         while due:
             batch = [sink.get()]
@@ -332,13 +376,14 @@ def create_rollout_workers(
     name_prefix: str = "rollout",
     wait: bool = True,
     max_restarts: int = 0,
+    episodes: dict[str, Any] | None = None,
 ) -> list[ActorHandle]:
     """Start `num_workers` (default rollout.num_workers) workers named `{name_prefix}-{i}`.
 
     The engine context is `max_model_len`, else rollout.max_model_len, else max_prompt_tokens
     (pass data.max_prompt_tokens; default: its default) plus rollout.max_new_tokens. Worker i samples with seed + i so workers do not repeat each
     other. With `wait`, returns once every engine is up; if one fails, all are killed and the
-    error is raised. Ray restarts a worker whose process dies up to `max_restarts` times (its
+    error is raised. `episodes` (env config, model path, chat-template flag) makes them run multi-turn episodes. Ray restarts a worker whose process dies up to `max_restarts` times (its
     engine starts again from `model_path`: the caller pushes the current weights back in).
     """
     count = num_workers if num_workers is not None else rollout_cfg.num_workers
@@ -369,7 +414,7 @@ def create_rollout_workers(
                 max_concurrency=CONTROL_CONCURRENCY,
                 max_restarts=max_restarts,
                 runtime_env={"env_vars": env},
-            ).remote(name, rollout_cfg.backend, kwargs, rollout_cfg.cpus)
+            ).remote(name, rollout_cfg.backend, kwargs, rollout_cfg.cpus, episodes)
         )
     if wait:
         try:

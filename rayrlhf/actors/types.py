@@ -26,6 +26,19 @@ class SamplingSpec:
 
 
 @dataclass(frozen=True)
+class EpisodeSpec:
+    """A multi-turn episode instead of one response: the data row it starts from (every column, for the
+    environment's reset), the conversation before the first assistant turn, the tools shown to the model,
+    and its limits. The rollout worker runs the turns (rayrlhf/actors/episodes.py)."""
+
+    row: dict
+    messages: list[dict]
+    tools: list[dict] | None = None
+    max_turns: int = 8
+    max_total_tokens: int = 1024
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One prompt to sample `sampling.n` responses for. `request_id` must be unique per worker.
 
@@ -37,6 +50,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     sampling: SamplingSpec = field(default_factory=SamplingSpec)
     indices: tuple[int, ...] | None = None
+    episode: EpisodeSpec | None = None  # a multi-turn episode per sample (prompt_ids: its first prompt, before reset)
 
     @property
     def sample_indices(self) -> tuple[int, ...]:
@@ -56,6 +70,18 @@ class Completion:
     weight_version: int
     worker: str = ""
     prompt_logprobs: list[float] | None = None  # for tokens 1.. of the prompt, when the request asked (temperature 1)
+    # Multi-turn episodes only: response_ids hold every turn after the first prompt, the policy's and the
+    # environment's; loss_mask says which the policy sampled (1; `logprobs` are 0.0 elsewhere).
+    loss_mask: list[int] | None = None
+    turns: list[dict] | None = None  # [{role, text, tokens, trained, reward}] in order, the first prompt excluded
+    turn_rewards: list[tuple[int, float]] | None = None  # (index in response_ids of the turn's last policy token, reward)
+    end_reason: str = ""  # done | max_turns | max_tokens | failed
+    env_error: str | None = None  # the environment failure that ended the episode (the sample is not trained)
+    env_info: dict[str, float] | None = None  # summed per-turn numbers: turns, step_s, tool_calls, tool_errors, ...
+
+    @property
+    def env_reward(self) -> float:
+        return sum(r for _, r in self.turn_rewards or ())
 
     @property
     def truncated(self) -> bool:

@@ -75,6 +75,8 @@ def gae(
     ``delta_t = r_t + gamma * V_{t+1} - V_t`` with ``V = 0`` after the last response token
     (the episode terminates there), ``A_t = delta_t + gamma * lam * A_{t+1}`` and
     ``returns = A + V`` (the critic's regression target). Both outputs are 0 on padding.
+    Tokens with mask 0 inside a row (an environment's turn in a multi-turn episode) are skipped:
+    ``t + 1`` is the next token with mask 1, so they neither earn nor discount.
     The reverse scan is over ``T`` only; all rows advance together.
     """
     rewards = rewards.detach()
@@ -87,9 +89,11 @@ def gae(
     reversed_adv = []
     for t in reversed(range(num_tokens)):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
-        next_value = values[:, t]
-        reversed_adv.append(next_adv)
+        adv = delta + gamma * lam * next_adv
+        on = mask[:, t] != 0  # a masked-out token (padding, an environment's turn) is skipped, not a terminal
+        next_adv = torch.where(on, adv, next_adv)
+        next_value = torch.where(on, values[:, t], next_value)
+        reversed_adv.append(adv * mask[:, t])
     advantages = torch.stack(reversed_adv[::-1], dim=1)
     returns = (advantages + values) * mask
     return advantages, returns
@@ -156,9 +160,9 @@ def reinforce_pp_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float
     rewards = torch.where(mask != 0, rewards, torch.zeros_like(rewards))
     running = torch.zeros_like(rewards[:, 0])
     reversed_returns = []
-    for t in reversed(range(rewards.shape[1])):
-        running = (rewards[:, t] + gamma * running) * mask[:, t]
-        reversed_returns.append(running)
+    for t in reversed(range(rewards.shape[1])):  # masked-out tokens inside a row are skipped, as in `gae`
+        running = torch.where(mask[:, t] != 0, rewards[:, t] + gamma * running, running)
+        reversed_returns.append(running * mask[:, t])
     return torch.stack(reversed_returns[::-1], dim=1)
 
 

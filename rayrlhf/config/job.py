@@ -45,6 +45,13 @@ class JobConfig(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics export: Ray metrics, TensorBoard, W&B.")
 
     @property
+    def max_total_tokens(self) -> int:
+        """Longest conversation of a multi-turn episode, prompt included: rollout.max_total_tokens, or by default
+        the prompt plus env.max_turns turns of rollout.max_new_tokens and as much again for the environment's replies."""
+        r = self.rollout
+        return r.max_total_tokens or self.data.max_prompt_tokens + 2 * self.env.max_turns * r.max_new_tokens
+
+    @property
     def samples_per_step(self) -> int:
         return self.schedule.prompts_per_step * self.algorithm.group_size
 
@@ -70,10 +77,16 @@ class JobConfig(Section):
             given = {"model.reward": self.model.reward, "reward.function": self.reward.function,
                      "reward.functions": self.reward.functions, "reward.url": self.reward.url}
             sources = [key for key, value in given.items() if value]
-            if len(sources) != 1:
+            if len(sources) > 1 or (not sources and not self.env.enabled):
                 raise ValueError(
                     f"algorithm.name={algo.name} needs exactly one reward source: model.reward, reward.function, "
-                    f"reward.functions or reward.url (got {' and '.join(sources) if sources else 'none'})"
+                    f"reward.functions or reward.url (got {' and '.join(sources) if sources else 'none'}); with an "
+                    "environment (env.class or env.tools) the turn rewards alone may do"
+                )
+            if self.env.enabled and self.max_total_tokens < self.data.max_prompt_tokens + self.rollout.max_new_tokens:
+                raise ValueError(
+                    f"rollout.max_total_tokens = {self.max_total_tokens} leaves no room for a turn: it must be at least "
+                    f"data.max_prompt_tokens + rollout.max_new_tokens = {self.data.max_prompt_tokens + self.rollout.max_new_tokens}"
                 )
             if algo.overlong_buffer >= self.rollout.max_new_tokens:
                 raise ValueError(

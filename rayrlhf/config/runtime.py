@@ -16,7 +16,11 @@ class RolloutConfig(Section):
         "local model under 1 GB, where its lower per-step overhead wins; vllm otherwise)."
     )
     num_workers: int = Field(1, ge=1, description="Rollout worker actors, one engine each.")
-    max_new_tokens: int = Field(64, ge=1, description="Longest response, in tokens.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest response (multi-turn: longest assistant turn), in tokens.")
+    max_total_tokens: int | None = Field(
+        None, ge=16, description="Multi-turn episodes: longest conversation, prompt and every turn included; the episode "
+        "ends when it is reached. null: data.max_prompt_tokens + 2 x env.max_turns x rollout.max_new_tokens."
+    )
     min_new_tokens: int = Field(0, ge=0, description="Shortest response, in tokens (end-of-sequence is not sampled before).")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")

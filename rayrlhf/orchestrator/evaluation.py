@@ -21,8 +21,10 @@ from typing import Any
 import torch
 
 from rayrlhf.actors.types import Completion, GenerationRequest, SamplingSpec
+from rayrlhf.algorithms.passk import sample_metrics
 from rayrlhf.config import JobConfig
-from rayrlhf.data.datasets import PromptDataset, reward_columns
+from rayrlhf.data.datasets import PromptDataset
+from rayrlhf.orchestrator.episodes import episode_spec, reward_inputs
 from rayrlhf.orchestrator.rollout import stream_rollouts
 
 _EVAL_SEED_OFFSET = 7_000_003  # keeps evaluation seeds apart from the training ones
@@ -48,32 +50,46 @@ def _modes(cfg: JobConfig) -> list[str]:
     return ["greedy", "sampled"] if cfg.schedule.eval_decoding == "both" else [cfg.schedule.eval_decoding]
 
 
-def evaluate(system: Any, data: PromptDataset, cfg: JobConfig, step: int, eos_id: int) -> dict[str, float]:
-    """One evaluation pass; returns the `eval/...` figures of the metrics row of `step`."""
+def evaluate(system: Any, data: PromptDataset, cfg: JobConfig, step: int, stop_ids: tuple[int, ...],
+             tools: list[dict] | None = None) -> dict[str, float]:
+    """One evaluation pass; returns the `eval/...` figures of the metrics row of `step`.
+
+    Greedy responses are one per prompt; sampled ones `schedule.eval_samples` per prompt, giving mean@n and
+    pass@k. With an environment each sample is an episode, scored like in training (its turn rewards plus the
+    reward function on its transcript; an episode whose environment failed is unscored)."""
     t0 = time.monotonic()
     r = cfg.rollout
     requests, where = [], {}
     for mode in _modes(cfg):
-        temperature = 0.0 if mode == "greedy" else r.temperature
+        temperature, n = (0.0, 1) if mode == "greedy" else (r.temperature, cfg.schedule.eval_samples)
         for i in eval_prompts(data, cfg):
-            spec = SamplingSpec(n=1, temperature=temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
-                                stop_token_ids=(eos_id,), seed=(cfg.seed * 1_000_003 + _EVAL_SEED_OFFSET + i) % (2**31 - 1))
+            spec = SamplingSpec(n=n, temperature=temperature, top_p=r.top_p, top_k=r.top_k,
+                                max_new_tokens=eval_max_new_tokens(cfg), stop_token_ids=stop_ids,
+                                seed=(cfg.seed * 1_000_003 + _EVAL_SEED_OFFSET + i) % (2**31 - 1))
             request_id = f"eval{step}-{mode}-{i}"
             where[request_id] = (mode, i)
-            requests.append(GenerationRequest(request_id, list(data.prompt_ids[i]), spec))
+            requests.append(GenerationRequest(request_id, list(data.prompt_ids[i]), spec,
+                                              episode=episode_spec(cfg, data.rows[i], tools)))
 
-    def columns(batch: list[Completion]) -> tuple[list[str], dict[str, list]]:
-        rows = [data.rows[where[c.request_id][1]] for c in batch]
-        return [row["prompt"] for row in rows], reward_columns(rows)
+    def score(batch: list[Completion]) -> dict[str, list]:
+        out = system.score_reward(batch, reward_inputs(batch, [data.rows[where[c.request_id][1]] for c in batch]))
+        out["scores"] = [None if s is None or c.env_error is not None else s + c.env_reward
+                         for s, c in zip(out["scores"], batch, strict=True)]
+        return out
 
-    rejoin = system.rejoin_worker if cfg.schedule.max_staleness == 0 else None  # async: batches are in flight
-    scored, _ = stream_rollouts(system.pool, requests, lambda b: system.score_reward(b, columns(b)),
-                                cfg.rollout.micro_batch_size, rejoin=rejoin, label=f"the evaluation at step {step}")
+    scored, _ = stream_rollouts(system.pool, requests, score, cfg.rollout.micro_batch_size, rejoin=system.rejoin_worker,
+                                label=f"the evaluation at step {step}", expected_version=system.synced_version)
     system.reset_prefix_caches()
     out: dict[str, float] = {}
     for mode in _modes(cfg):
         picked = [(c, res, j) for batch, res in scored for j, c in enumerate(batch) if where[c.request_id][0] == mode]
         out.update({f"eval/{mode}/{k}": v for k, v in _figures(picked).items()})
+        if mode == "sampled" and cfg.schedule.eval_samples > 1:
+            groups: dict[str, list[float | None]] = {}
+            for c, res, j in picked:
+                groups.setdefault(c.request_id, []).append(res["scores"][j])
+            figures = sample_metrics(list(groups.values()), cfg.schedule.eval_pass_k, cfg.schedule.eval_pass_threshold)
+            out.update({f"eval/sampled/{k}": v for k, v in figures.items() if k != "prompts"})
     first = f"eval/{_modes(cfg)[0]}/"  # the headline figures (eval/reward_mean, ...) are the first mode's
     out.update({"eval/" + k.removeprefix(first): v for k, v in list(out.items()) if k.startswith(first)})
     out["timing/eval_s"] = time.monotonic() - t0
@@ -86,6 +102,8 @@ def _figures(picked: list[tuple[Completion, dict[str, list], int]]) -> dict[str,
     lengths = torch.tensor([float(len(c.response_ids)) for c, _, _ in picked])
     figures = {
         "reward_mean": sum(valid) / len(valid) if valid else math.nan,
+        **({"turns_mean": sum((c.env_info or {}).get("turns", 0.0) for c, _, _ in picked) / len(picked)}
+           if picked and picked[0][0].turns is not None else {}),
         "reward_std": float(torch.tensor(valid).std()) if len(valid) > 1 else 0.0,
         "failed_frac": 1.0 - len(valid) / len(scores) if scores else 0.0,
         "response_length_mean": float(lengths.mean()) if len(lengths) else 0.0,

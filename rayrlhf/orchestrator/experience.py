@@ -67,6 +67,7 @@ def compute_advantages(
     kl_coef: float,
     response_len: torch.Tensor | None = None,
     max_new_tokens: int | None = None,
+    turn_rewards: torch.Tensor | None = None,
 ) -> Advantages:
     """Advantages for `cfg.name` from sequence scores [B] and per-token log-probs [B, T].
 
@@ -82,6 +83,9 @@ def compute_advantages(
     mask's token count) against `max_new_tokens`. With `cfg.overlong_filter` truncated samples are
     left out of `loss_mask` (their advantages are 0) but, as in DAPO, still count in their group's
     baseline: the other samples' advantages do not depend on whether the filter is on.
+    Multi-turn episodes: `mask` is the loss mask (the policy's tokens; GAE and reward-to-go run over
+    those alone, the environment's neither earn nor discount), and `turn_rewards` [B, T] add each
+    turn's reward on that turn's last policy token, beside the score on the last one.
     """
     mask = mask * valid.to(mask.dtype).unsqueeze(1)
     scores = torch.where(valid, torch.nan_to_num(scores), torch.zeros_like(scores))
@@ -98,6 +102,8 @@ def compute_advantages(
     kl = kl_estimate(logp, ref_logp, cfg.kl_estimator) * mask if ref_logp is not None else torch.zeros_like(mask)
     beta = kl_coef if cfg.kl_as_reward else 0.0
     rewards = token_rewards(scores, kl, mask, beta)
+    if turn_rewards is not None:
+        rewards = rewards + torch.where(mask != 0, turn_rewards.to(rewards.dtype), torch.zeros_like(rewards))
     returns = None
     if cfg.name == "ppo":
         if values is None:

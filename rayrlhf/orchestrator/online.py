@@ -35,10 +35,10 @@ import torch
 from rayrlhf.actors.types import Completion, GenerationRequest, SamplingSpec
 from rayrlhf.algorithms import explained_variance, make_kl_controller, masked_mean
 from rayrlhf.config import ConfigError, JobConfig, to_yaml
-from rayrlhf.data.datasets import reward_columns
 from rayrlhf.errors import FailureBudgetExceeded, Preempted, TrainerFailed, WorkersLost
-from rayrlhf.models.forward import pack_batch
+from rayrlhf.orchestrator.batch import assemble, episode_metrics
 from rayrlhf.orchestrator.checkpoint import latest_checkpoint, load_rollouts, load_state, save_checkpoint
+from rayrlhf.orchestrator.episodes import episode_spec, reward_inputs, stop_token_ids
 from rayrlhf.orchestrator.evaluation import evaluate
 from rayrlhf.orchestrator.experience import (
     RunningMoments,
@@ -63,12 +63,9 @@ from rayrlhf.rng import rng_state, set_rng_state
 log = logging.getLogger(__name__)
 
 
-def pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
-    """Stack 1-D tensors of different lengths into [B, width], right-padded with zeros."""
-    out = torch.zeros(len(rows), width)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = row
-    return out
+def _mean(values: list[float | None]) -> float:
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else float("nan")
 
 
 class _StopOnSigterm:
@@ -119,6 +116,8 @@ class OnlineRL:
             # Sampled tokens show the engine/trainer mismatch only on-policy with unprocessed sampling; otherwise a
             # probe after each verified sync does (System.probe_mismatch).
             self.comparable_logprobs = cfg.schedule.max_staleness == 0 and not sampling_distorts(cfg)
+            self.stop_ids = stop_token_ids(self.tokenizer, cfg.data.apply_chat_template)
+            self.tool_schemas = checked.tool_schemas
             self._lost: WorkersLost | None = None  # set when a step's sync found no worker after its update
             self._data_before: dict[int, dict[str, int]] = {}  # data position before each launched step's prompts
             self._initial = (self._state(), rng_state())  # where a rebuild without any checkpoint goes back to
@@ -203,7 +202,7 @@ class OnlineRL:
         self._updated = False
         scored, timings, wait_s = self.pipeline.take(self.step)
         rollout_s = timings.gen_end - timings.gen_start
-        exp = self._assemble(scored)
+        exp = assemble(scored, self.tokenizer.pad_token_id)
         if stale:  # the critic's values and old log-probs of the weights about to train on them
             packed = {k: exp[k] for k in ("input_ids", "attention_mask", "position_ids", "mask")}
             exp.update({k: v for k, v in self.system.trainer_outputs(packed).items() if v is not None})
@@ -215,6 +214,7 @@ class OnlineRL:
             algo, scores, exp["valid"], exp["truncated"], exp["mask"], exp.get("logp", exp["sample_logp"]),
             exp.get("ref_logp"), exp.get("values"), kl_coef,
             response_len=exp["response_len"], max_new_tokens=cfg.rollout.max_new_tokens,  # soft overlong penalty
+            turn_rewards=exp.get("turn_rewards"),  # episodes: each turn's reward on its last policy token
         )
 
         every = cfg.rollout.dump_every
@@ -267,9 +267,10 @@ class OnlineRL:
 
             # A restarted worker gets the weights this rollout samples with (from the trainers on-policy, from the
             # last sync's kept buckets in asynchronous mode), verified, and serves at once.
-            self.pipeline.launch(step, lambda requests=requests, score=score, step=step: stream_rollouts(
+            version = self.system.synced_version  # what this batch samples with, from its first sample to its last
+            self.pipeline.launch(step, lambda requests=requests, score=score, step=step, version=version: stream_rollouts(
                 self.system.pool, requests, score, self.cfg.rollout.micro_batch_size, rejoin=self.system.rejoin_worker,
-                label=f"the rollout of step {step}"))
+                label=f"the rollout of step {step}", expected_version=version))
 
     def _request(self, step: int, position: int, index: int) -> GenerationRequest:
         """The sampling request for prompt `index` of step `step`; the seed depends only on (seed, step,
@@ -278,40 +279,15 @@ class OnlineRL:
         seed = (self.cfg.seed * 1_000_003 + step * 10_007 + position * 101) % (2**31 - 1)
         spec = SamplingSpec(
             n=self.cfg.algorithm.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-            max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, stop_token_ids=(self.tokenizer.eos_token_id,),
-            seed=seed,
+            max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, stop_token_ids=self.stop_ids, seed=seed,
         )
-        return GenerationRequest(f"s{step}-p{position}", list(self.data.prompt_ids[index]), spec)
+        return GenerationRequest(f"s{step}-p{position}", list(self.data.prompt_ids[index]), spec,
+                                 episode=episode_spec(self.cfg, self.data.rows[index], self.tool_schemas))
 
     def _columns(self, batch: list[Completion], rows_of: list[int]) -> tuple[list[str], dict[str, list]]:
-        """Raw prompts and the other data columns of each completion's row, for the reward."""
-        rows = [self.data.rows[i] for i in rows_of]
-        return [r["prompt"] for r in rows], reward_columns(rows)
-
-    def _assemble(self, scored: list[tuple[list[Completion], dict[str, Any]]]) -> dict[str, Any]:
-        """One batch of all samples, groups contiguous (prompt order, then sample index)."""
-        rows = []
-        for completions, res in scored:
-            for i, c in enumerate(completions):
-                n = len(c.response_ids)
-                per_token = {k: res[k][i, :n] for k in ("ref_logp", "logp", "entropy", "values") if res.get(k) is not None}
-                per_token["sample_logp"] = torch.tensor(c.logprobs, dtype=torch.float32)
-                rows.append((res["positions"][i], c.sample_index, c, per_token, res["scores"][i], res["rows"][i]))
-        rows.sort(key=lambda r: (r[0], r[1]))
-        completions = [r[2] for r in rows]
-        batch = pack_batch([c.prompt_ids for c in completions], [c.response_ids for c in completions], self.tokenizer.pad_token_id)
-        width = batch["mask"].shape[1]
-        for key in rows[0][3]:
-            batch[key] = pad_rows([r[3][key] for r in rows], width)
-        scores = [r[4] for r in rows]
-        batch["scores"] = torch.tensor([float("nan") if s is None else s for s in scores])
-        batch["valid"] = torch.tensor([s is not None for s in scores])
-        batch["truncated"] = torch.tensor([c.truncated for c in completions])
-        batch["response_len"] = torch.tensor([len(c.response_ids) for c in completions], dtype=torch.float32)
-        batch["versions"] = [c.weight_version for c in completions]
-        batch["probe"] = (completions[0].prompt_ids, completions[0].response_ids)  # for probe_mismatch
-        batch["completions"], batch["positions"], batch["rows"] = completions, [r[0] for r in rows], [r[5] for r in rows]
-        return batch
+        """Raw prompts and the other data columns of each completion's row, for the reward (and an episode's
+        turns as messages, `transcript`)."""
+        return reward_inputs(batch, [self.data.rows[i] for i in rows_of])
 
     def _update(self, exp: dict[str, Any], adv: Any) -> dict[str, float]:
         """`ppo_epochs` passes of shuffled mini-batches over the policy and, for ppo, the critic."""
@@ -371,12 +347,15 @@ class OnlineRL:
         length = float(exp["response_len"].mean())
         if self.first_length is None:
             self.first_length = length
+        total = exp["scores"] + exp["turn_rewards"].sum(dim=1) if "turn_rewards" in exp else exp["scores"]
         row: dict[str, Any] = {
             "step": self.step,
             "weight_version": self.weight_version,
-            "reward/mean": float(exp["scores"][valid].mean()) if valid.any() else float("nan"),
-            "reward/std": float(exp["scores"][valid].std()) if valid.sum() > 1 else 0.0,
-            "reward/failed": int((~valid).sum()),
+            "reward/mean": float(total[valid].mean()) if valid.any() else float("nan"),
+            "reward/std": float(total[valid].std()) if valid.sum() > 1 else 0.0,
+            "reward/failed": int(torch.isnan(exp["scores"]).sum()),  # not scored (env failures: env/failed)
+            **{f"reward/{name}": _mean(values) for name, values in exp["reward_parts"].items()},
+            **episode_metrics(exp["completions"], exp["mask"]),
             "kl/mean": kl_token_mean(adv.kl, mask) if "ref_logp" in exp else float("nan"),  # null: no KL computed
             "kl/seq_mean": kl_per_sequence(adv.kl, mask) if "ref_logp" in exp else float("nan"),
             "kl/coef": kl_coef,
@@ -416,7 +395,7 @@ class OnlineRL:
 
     def _evaluate(self) -> dict[str, float]:
         assert self.eval_data is not None
-        return evaluate(self.system, self.eval_data, self.cfg, self.step, self.tokenizer.eos_token_id)
+        return evaluate(self.system, self.eval_data, self.cfg, self.step, self.stop_ids, self.tool_schemas)
 
     def _log_eval(self, row: dict[str, Any]) -> None:
         self.metrics.write(row)

@@ -145,6 +145,10 @@ def plan_actors(cfg: JobConfig) -> ActorPlan:
         verify = (f"per-shard checksums over {tp} ranks" if tp > 1 else "whole-tensor checksums") + (
             "" if rollout_gpu else ", CPU kernels read back")
     where = f"; placed {r.placement}" + (f" on {dict(r.resources)}" if r.resources else "")
+    if cfg.env.enabled:
+        where += (f"; episodes of {cfg.env.class_spec} (up to {cfg.env.max_turns} turns, {cfg.max_total_tokens} tokens), "
+                  + (f"environments in env-0 .. env-{cfg.env.num_workers - 1}" if cfg.env.num_workers else
+                     f"environments in {cfg.env.processes_per_worker} child process(es) beside it"))
     actors = [ActorSpec(f"rollout-{i}", "rollout", r.num_cpus, r.num_gpus, f"{engine}; {verify}{where}")
               for i in range(r.num_workers)]
 
@@ -172,8 +176,15 @@ def plan_actors(cfg: JobConfig) -> ActorPlan:
     if cfg.reward.functions:
         kind = "functions " + " + ".join(f"{f.weight:g} x {f.function}" for f in cfg.reward.functions)
     reward_device = "cuda" if _gpu(srv.reward_num_gpus) else "cpu"
+    has_reward = any((cfg.model.reward, cfg.reward.function, cfg.reward.functions, cfg.reward.url))
     actors += [ActorSpec(f"reward-{i}", "reward", srv.reward_num_cpus, srv.reward_num_gpus, f"{kind} on {reward_device}")
-               for i in range(cfg.reward.num_workers)]
+               for i in range(cfg.reward.num_workers if has_reward else 0)]
+    env = cfg.env
+    if env.enabled and env.num_workers:
+        res = env.resources
+        actors += [ActorSpec(f"env-{i}", "env", float(res.get("num_cpus", 1)), float(res.get("num_gpus", 0)),
+                             f"{env.class_spec} environments, {env.processes_per_worker} host process(es)")
+                   for i in range(env.num_workers)]
 
     policy_gpu = _gpu(cfg.trainer.policy.num_gpus)
     if srv.weight_sync_backend == "collective":

@@ -21,6 +21,7 @@ from rayrlhf.data.datasets import PromptDataset, load_prompts, load_rows, reward
 from rayrlhf.errors import InvalidInput
 from rayrlhf.models.loading import load_tokenizer, same_tokenizer
 from rayrlhf.models.tiny import resolve_model_path
+from rayrlhf.orchestrator.episodes import TRANSCRIPT
 from rayrlhf.orchestrator.plan import ActorPlan, check_plan, resolve_backend
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class Checked:
     tokenizer: Any
     train: PromptDataset
     eval: PromptDataset | None
+    tool_schemas: list[dict] | None = None  # env.tools' JSON schemas, shown to the model (multi-turn)
 
 
 def _model(cfg: JobConfig, key: str, name: str, cache: Path) -> str:
@@ -74,17 +76,22 @@ def preflight(cfg: JobConfig) -> Checked:
     reference = _model(cfg, "model.reference", cfg.model.reference or cfg.model.policy, cache)
     reward_model = _model(cfg, "model.reward", cfg.model.reward, cache) if cfg.model.reward else None
     d = cfg.data
-    keys = {"prompt_key": d.prompt_key, "messages_key": d.messages_key}
+    tools = _tool_schemas(cfg)
+    keys = {"prompt_key": d.prompt_key, "messages_key": d.messages_key, "tools": tools}
     train = load_prompts(d.train, tokenizer, d.max_prompt_tokens, d.overlong_prompts, d.apply_chat_template, cfg.seed,
                          d.shuffle, **keys)
     evaluation = None
     if d.eval:
         evaluation = load_prompts(d.eval, tokenizer, d.max_prompt_tokens, d.overlong_prompts, d.apply_chat_template,
                                   cfg.seed, shuffle=False, **keys)
+    columns = list(reward_columns(train.rows[:1]))
+    if cfg.env.enabled:
+        _check_episodes(cfg, tokenizer, train.rows[0], tools)
+        columns.append(TRANSCRIPT)  # reward functions of episodes also get the turns
     if cfg.reward.function:
-        check_reward_function(cfg.reward.function, list(reward_columns(train.rows[:1])))
+        check_reward_function(cfg.reward.function, columns)
     for i, entry in enumerate(cfg.reward.functions or []):
-        check_reward_function(entry.function, list(reward_columns(train.rows[:1])), key=f"reward.functions[{i}].function")
+        check_reward_function(entry.function, columns, key=f"reward.functions[{i}].function")
     if cfg.reward.eval_function:
         if evaluation is None:
             raise InvalidInput("reward.eval_function scores evaluation rows: it needs data.eval")
@@ -92,4 +99,26 @@ def preflight(cfg: JobConfig) -> Checked:
     if cfg.algorithm.ptx_coef > 0:
         load_rows(d.pretrain, "text")
     log.info("checks passed: %d training prompts%s", len(train), f", {len(evaluation)} eval prompts" if evaluation else "")
-    return Checked(plan, policy, critic, reference, reward_model, tokenizer, train, evaluation)
+    return Checked(plan, policy, critic, reference, reward_model, tokenizer, train, evaluation, tools)
+
+
+def _tool_schemas(cfg: JobConfig) -> list[dict] | None:
+    """env.tools' JSON schemas (from type hints and docstrings), or None; an import error names env.tools."""
+    if not cfg.env.tools:
+        return None
+    from rayrlhf.envs.tools import load_tools, tool_schemas
+
+    return tool_schemas(load_tools(cfg.env.tools))
+
+
+def _check_episodes(cfg: JobConfig, tokenizer: Any, row: dict[str, Any], tools: list[dict] | None) -> None:
+    """The environment imports, constructs with env.kwargs and resets on a real row (in a host process, as in
+    the job); a chat template that rewrites earlier turns is said once here."""
+    from rayrlhf.data.chat import chat_format
+    from rayrlhf.envs import check_env
+
+    check_env(cfg.env, {k: v for k, v in row.items() if k != "_where"})
+    unstable = chat_format(tokenizer, cfg.data.apply_chat_template).check_prefix_stable(tools)
+    if unstable:
+        log.warning("the chat template is not prefix-stable (%s): each environment turn is rendered after a fixed "
+                    "context instead of the real one; the trained tokens are still exactly the sampled ones", unstable)

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from rayrlhf.actors.types import Completion, GenerationRequest
 from rayrlhf.errors import WorkersLost
-from rayrlhf.orchestrator.faults import TIMEOUT, FaultCounters, Heartbeat
+from rayrlhf.orchestrator.faults import DIED, TIMEOUT, FaultCounters, Heartbeat
 from rayrlhf.orchestrator.ledger import RolloutLedger
 from rayrlhf.orchestrator.workers import END, StreamError
 
@@ -89,6 +89,7 @@ def stream_rollouts(
     scoring_threads: int = 2,
     rejoin: Callable[[int], None] | None = None,
     label: str = "the rollout",
+    expected_version: int | None = None,
 ) -> tuple[list[tuple[list[Completion], Any]], RolloutTimings]:
     """Generate all `requests` on the pool's workers; call `score` on the finished samples as soon as
     at least `micro_batch_size` of them are waiting.
@@ -104,6 +105,9 @@ def stream_rollouts(
     `rejoin(i)` (push the weights this rollout samples with into restarted worker i, verify them,
     and put it back in service) lets restarted workers serve again mid-rollout; without it they
     wait for the next weight sync. A request the engine rejects (e.g. too long a prompt) fails the rollout.
+    A sample of another weight version than `expected_version` comes from a worker that died and came back
+    between two calls without the driver seeing it (it holds its initial weights): it is dropped and the
+    worker handled as failed, so it rejoins only through a verified sync.
     """
     timings = RolloutTimings(gen_start=time.monotonic())
     ledger = RolloutLedger(requests)
@@ -150,6 +154,12 @@ def stream_rollouts(
         if item == END:
             if stream is not None and ledger.stream_ended(sid):
                 fail(stream.worker, "its generate call ended without all its samples", "error")
+            return []
+        stale = [c for c in item if expected_version is not None and c.weight_version != expected_version]
+        if stale:
+            if stream is not None:
+                fail(stream.worker, f"it restarted unnoticed: its samples carry weight version {stale[0].weight_version}, "
+                     f"this rollout samples with {expected_version}", DIED)
             return []
         return ledger.arrived(sid, item, at)
 

@@ -29,11 +29,15 @@ def write_samples(folder: Path, step: int, exp: dict[str, Any], advantages: torc
                 "step": step, "row": exp["rows"][k], "position": exp["positions"][k], "sample_index": c.sample_index,
                 "request_id": c.request_id, "worker": c.worker, "weight_version": c.weight_version,
                 "prompt": prompts[k],
-                "turns": [{"role": "assistant", "text": tokenizer.decode(c.response_ids, skip_special_tokens=True),
-                           "tokens": len(c.response_ids), "trained": True}],
+                "turns": c.turns if c.turns is not None else [
+                    {"role": "assistant", "text": tokenizer.decode(c.response_ids, skip_special_tokens=True),
+                     "tokens": len(c.response_ids), "trained": True}],
                 "finish_reason": c.finish_reason,
-                "score": None if not bool(exp["valid"][k]) else float(exp["scores"][k]),
+                "score": None if not bool(exp["valid"][k]) else float(exp["scores"][k]) + c.env_reward,
                 "advantage": float(per_seq[k]),
+                **({"end_reason": c.end_reason, "env_error": c.env_error, "turn_rewards": [r for _, r in c.turn_rewards or ()],
+                    "policy_tokens": int(sum(c.loss_mask)), "env_tokens": len(c.loss_mask) - int(sum(c.loss_mask))}
+                   if c.loss_mask is not None else {}),
             }
             fh.write(json.dumps(row) + "\n")
     return path

@@ -95,7 +95,7 @@ class System:
         )
         log.info("creating %d rollout worker(s) (%s)", cfg.rollout.num_workers, cfg.rollout.backend)
         self.policy = self.critic = self.reference = self.eval_reward = None
-        self.rollout_workers, self.rewards = [], []
+        self.rollout_workers, self.rewards, self.env_actors = [], [], []
         try:
             self._start(cfg, checked, steps)
         except BaseException:
@@ -110,9 +110,18 @@ class System:
     def _start(self, cfg: JobConfig, checked: Checked, steps: int) -> None:
         trust = cfg.model.trust_remote_code
         restarts = cfg.faults.max_restarts
+        episodes = None
+        if cfg.env.enabled:  # multi-turn: the workers run the episodes; environments beside them, or in env actors
+            if cfg.env.num_workers:
+                from rayrlhf.envs.actors import start_env_actors
+
+                self.env_actors = start_env_actors(cfg.env, max_restarts=restarts)
+            episodes = {"env": cfg.env, "model_path": self.policy_path, "apply_chat_template": cfg.data.apply_chat_template,
+                        "trust_remote_code": trust}
         self.rollout_workers = create_rollout_workers(
             self.policy_path, cfg.rollout, cfg.model, cfg.seed, max_prompt_tokens=cfg.data.max_prompt_tokens,
             wait=False, max_restarts=restarts,  # engines start while the trainers do
+            max_model_len=cfg.max_total_tokens if cfg.env.enabled else None, episodes=episodes,
         )
         srv, no_dropout = cfg.servers, cfg.model.disable_dropout
         # no KL computed (kl_coef 0, fixed controller): no reference server
@@ -190,24 +199,22 @@ class System:
         Without `trainer_side` (asynchronous mode: the trainers are busy, and the values and
         old log-probs must be those of the weights that will train) only the frozen servers score.
         """
-        prompts, columns = prompts_and_columns
-        batch = pack_batch([c.prompt_ids for c in completions], [c.response_ids for c in completions], self.tokenizer.pad_token_id)
-        responses = self.tokenizer.batch_decode([c.response_ids for c in completions], skip_special_tokens=True)
-        turn = self._reward_turn % len(self.rewards)
-        reward, reward_name = self.rewards[turn], self.plan.of("reward")[turn].name
-        self._reward_turn += 1
+        batch = self.pack(completions)
 
         def ask_reference() -> Any:
             return self.reference.logprobs.remote(batch)
 
-        def ask_reward() -> Any:
-            return reward.score.remote(prompts, responses, columns, batch if self.cfg.model.reward else None)
-
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="server") as calls:  # both servers at once
             ref_logp = calls.submit(self._ask, "reference", ask_reference) if self.reference is not None else None
-            scores = calls.submit(self._ask, reward_name, ask_reward)
+            scores = calls.submit(self.score_reward, completions, prompts_and_columns, batch)
             out = self.trainer_outputs(batch) if trainer_side else {}
-            return {"ref_logp": ref_logp.result() if ref_logp is not None else None, "scores": scores.result(), **out}
+            return {"ref_logp": ref_logp.result() if ref_logp is not None else None, **scores.result(), **out}
+
+    def pack(self, completions: list[Completion]) -> dict[str, torch.Tensor]:
+        """The training layout of finished samples; an episode's loss mask keeps its environment's tokens out."""
+        masks = [c.loss_mask for c in completions] if any(c.loss_mask is not None for c in completions) else None
+        return pack_batch([c.prompt_ids for c in completions], [c.response_ids for c in completions],
+                          self.tokenizer.pad_token_id, masks=masks)
 
     def trainer_outputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         """The trainers' view of finished samples under their current weights: the policy's log-probs
@@ -223,17 +230,26 @@ class System:
         return {"logp": policy_out.get("logp"), "entropy": policy_out.get("entropy"), "values": values}
 
     def score_reward(
-        self, completions: list[Completion], prompts_and_columns: tuple[list[str], dict[str, list]]
+        self, completions: list[Completion], prompts_and_columns: tuple[list[str], dict[str, list]],
+        batch: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, list[float | None]]:
-        """Only the reward (and the held-out metric, reward.eval_function) of finished samples: evaluation."""
+        """The reward of finished samples (and the held-out metric, reward.eval_function), alone in evaluation.
+
+        An episode's response is its whole transcript after the first prompt (every turn, as the model saw it),
+        and its `transcript` column the turns as messages. Without a reward source (an environment's turn rewards
+        alone) the scores are 0 here; the turn rewards are added to them later."""
         prompts, columns = prompts_and_columns
-        batch = pack_batch([c.prompt_ids for c in completions], [c.response_ids for c in completions], self.tokenizer.pad_token_id)
         responses = self.tokenizer.batch_decode([c.response_ids for c in completions], skip_special_tokens=True)
-        turn = self._reward_turn % len(self.rewards)
-        reward, reward_name = self.rewards[turn], self.plan.of("reward")[turn].name
-        self._reward_turn += 1
-        out = {"scores": self._ask(reward_name, lambda: reward.score.remote(prompts, responses, columns,
-                                                                            batch if self.cfg.model.reward else None))}
+        if not self.rewards:
+            out: dict[str, list[float | None]] = {"scores": [0.0] * len(completions)}
+        else:
+            batch = batch if batch is not None else self.pack(completions)
+            turn = self._reward_turn % len(self.rewards)
+            reward, reward_name = self.rewards[turn], self.plan.of("reward")[turn].name
+            self._reward_turn += 1
+            combined, parts = self._ask(reward_name, lambda: reward.score_parts.remote(
+                prompts, responses, columns, batch if self.cfg.model.reward else None))
+            out = {"scores": combined, **({"reward_parts": parts} if parts else {})}  # parts: reward.functions by name
         if self.eval_reward is not None:
             out["true_scores"] = self._ask("eval-reward", lambda: self.eval_reward.score.remote(prompts, responses, columns))
         return out
@@ -402,6 +418,6 @@ class System:
         for group in (self.policy, self.critic):
             if group is not None:
                 group.shutdown()
-        for actor in [*self.rollout_workers, *self.servers]:
+        for actor in [*self.rollout_workers, *self.servers, *self.env_actors]:
             ray.kill(actor)
         _wait_names_free([f"rollout-{i}" for i in range(len(self.rollout_workers))] + ["reference"])

@@ -25,3 +25,15 @@ def alphabet_reward(prompts: list[str], responses: list[str], **_: object) -> li
     loop lifts it towards 1 within a few dozen steps, so tests of "RL learns" have a wide margin.
     """
     return [sum("a" <= ch <= "p" for ch in r) / len(r) if r else 0.0 for r in responses]
+
+
+def tool_answer(prompts: list[str], responses: list[str], answer: list[str], transcript: list | None = None,
+                **_: object) -> list[float | None]:
+    """The `lookup` task (rayrlhf.data.tool_task): 1.0 when the episode's last assistant turn is the row's
+    `answer`, else 0.0 (a single response is its own last turn)."""
+    out = []
+    for i, (response, expected) in enumerate(zip(responses, answer, strict=True)):
+        turns = transcript[i] if transcript is not None else None
+        last = next((t["content"] for t in reversed(turns) if t["role"] == "assistant"), "") if turns else response
+        out.append(1.0 if last.strip() == expected else 0.0)
+    return out
