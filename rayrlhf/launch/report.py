@@ -228,7 +228,7 @@ def render_transcript(label: str, sample: dict[str, Any]) -> str:
         parts.append(_turn("prompt", "" if prompt is None else prompt, False))
     for turn in sample.get("turns") or []:
         if isinstance(turn, dict):
-            parts.append(_turn(turn.get("role", "assistant"), turn.get("text", ""), bool(turn.get("trained")),
+            parts.append(_turn(turn.get("role", "assistant"), turn.get("text") or "", bool(turn.get("trained")),
                                turn.get("tokens"), turn.get("reward")))
     parts.append("</div>")
     return "".join(parts)
