@@ -78,11 +78,13 @@ def test_every_stage_follows_the_output_contract(demo: tuple[Path, dict[str, Any
     out, _ = demo
     for stage in ("sft", "rm", "ppo"):
         assert (out / stage / "config.yaml").is_file()
+        assert (out / stage / "report.html").read_text().count("<svg") >= 2  # `rayrlhf report` after each stage
         assert (out / stage / "final" / "config.json").is_file()
         rows = read_metrics(out / stage / "metrics.jsonl")
         assert rows[-1]["step"] == getattr(SHORT, f"{stage}_steps")
         assert "timing/step_s" in rows[-1]
     assert read_metrics(out / "ppo" / "metrics.jsonl")[-1]["rollout/backend"] == "vllm"
+    assert 'data-pick="best"' in (out / "ppo" / "report.html").read_text()  # PPO's samples/ give transcripts
 
 
 def test_demo_command_line() -> None:

@@ -96,6 +96,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """A run's curves and sample transcripts in one self-contained HTML page (rayrlhf/launch/report.py)."""
+    from rayrlhf.launch.report import write_report
+
+    sys.stdout.write(f"{write_report(args.output_dir, args.out)}\n")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayrlhf", description="Distributed RLHF on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -120,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     for knob in ("sft_steps", "rm_steps", "ppo_steps", "n_train", "n_eval", "eval_samples", "seed"):  # shorter runs for tests
         demo.add_argument(f"--{knob.replace('_', '-')}", dest=knob, type=int, default=None, help=argparse.SUPPRESS)
     demo.set_defaults(func=cmd_demo)
+    report = sub.add_parser("report", help="draw a run's curves and sample transcripts into one self-contained HTML page")
+    report.add_argument("output_dir", help="the run's output_dir (holds metrics.jsonl; may still be running)")
+    report.add_argument("--out", help="the HTML file to write (default: OUTPUT_DIR/report.html)")
+    report.set_defaults(func=cmd_report)
     submit = sub.add_parser("submit", help="submit a job to a Ray cluster through the Jobs API")
     _add_config_args(submit)
     submit.add_argument("--address", help="the cluster's dashboard, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS)")

@@ -10,6 +10,7 @@
     3. ppo   PPO against the learned reward: policy and reference = the SFT model, critic = the
              reward model; vLLM rollouts, DeepSpeed trainers                    -> DIR/ppo/final
     then     the rule's score of each model's responses to held-out prompts    -> DIR/summary.json
+             and each stage's curves and transcripts (`rayrlhf report`)         -> DIR/{sft,rm,ppo}/report.html
 
 All three stages are ordinary jobs (each writes config.yaml, metrics.jsonl and final/ like
 `rayrlhf train`) on one embedded local Ray. The rule never reaches training after the data is
@@ -91,7 +92,8 @@ def stage_configs(out: Path, data: dict[str, Path], base: Path, s: DemoSettings)
                    # eval/true_reward_mean against eval/reward_mean (the learned reward) shows over-optimisation
                    reward={"eval_function": "rayrlhf.rewards.tasks:sort_reward"},
                    data={"train": str(data["prompts_train"]), "eval": str(data["prompts_eval"])},
-                   rollout={"backend": "vllm", "max_new_tokens": s.max_new_tokens, "temperature": 1.0},
+                   rollout={"backend": "vllm", "max_new_tokens": s.max_new_tokens, "temperature": 1.0,
+                            "dump_every": max(1, s.ppo_steps // 4)},  # samples/ for the report's transcripts
                    trainer={"mini_batch_size": s.ppo_prompts_per_step // 2,
                             "policy": {"lr": s.ppo_lr}, "critic": {"lr": s.critic_lr}},
                    schedule={"steps": s.ppo_steps, "prompts_per_step": s.ppo_prompts_per_step,
@@ -178,6 +180,7 @@ def run_demo(output_dir: str | Path = "outputs/demo", settings: DemoSettings | N
     from rich.console import Console
     from transformers.utils import logging as hf_logging
 
+    from rayrlhf.launch.report import write_report
     from rayrlhf.launch.run import run_job
 
     hf_logging.disable_progress_bar()  # the stages' own progress is what matters here
@@ -202,6 +205,7 @@ def run_demo(output_dir: str | Path = "outputs/demo", settings: DemoSettings | N
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 8), include_dashboard=False, log_to_driver=False)
     timings: dict[str, float] = {}
+    reports: dict[str, Path] = {}
     try:
         descriptions = {
             "sft": f"supervised fine-tuning on the demonstrations ({s.sft_steps} steps)",
@@ -215,6 +219,7 @@ def run_demo(output_dir: str | Path = "outputs/demo", settings: DemoSettings | N
                 n = rank_sft_samples(out, data, s)
                 console.print(f"comparisons: {n} from SFT samples ranked by the rule + {s.n_train} correct-vs-slipped")
             run_job(cfg)
+            reports[name] = write_report(cfg.output_dir)
             timings[f"timing/{name}_s"] = round(time.monotonic() - t0, 1)
     finally:
         if started:
@@ -232,6 +237,7 @@ def run_demo(output_dir: str | Path = "outputs/demo", settings: DemoSettings | N
     console.print(f"wall time: sft {summary['timing/sft_s']:.0f} s, rm {summary['timing/rm_s']:.0f} s (with ranking the SFT "
                   f"samples), ppo {summary['timing/ppo_s']:.0f} s, total {summary['timing/total_s']:.0f} s")
     console.print(f"outputs: {out}/{{sft,rm,ppo}}/ (config.yaml, metrics.jsonl, final/) and {out / 'summary.json'}")
+    console.print("reports (open in a browser): " + ", ".join(str(path) for path in reports.values()))
     return summary
 
 
