@@ -102,9 +102,9 @@ def test_tools_are_checked() -> None:
 def test_each_template_is_probed_for_its_end_of_turn_tools_and_stability() -> None:
     tiny, chatml, headers, think = (build_tokenizer(), build_chat_tokenizer("chatml"), build_chat_tokenizer("headers"),
                                     build_chat_tokenizer("chatml-think"))
-    f = ChatFormat(tiny)  # "A: content\n": no end-of-turn token in the template, so EOS is the stop token
+    f = ChatFormat(tiny)  # "A: content\n": no end-of-turn token in the template, so EOS is the stop token; tools: one line
     assert (f.plain, f.takes_tools, f.eot_id, f.eot_rendered, f.after_eot, f.stable) == (
-        False, False, tiny.eos_token_id, False, "\n", True)
+        False, True, tiny.eos_token_id, False, "\n", True)
     f = ChatFormat(chatml)
     assert (f.takes_tools, f.eot_text, f.after_eot, f.stable) == (True, "<|im_end|>", "\n", True)
     assert f.eot_id == chatml.convert_tokens_to_ids("<|im_end|>") != chatml.eos_token_id
@@ -126,7 +126,8 @@ def test_prompts_render_tools_only_where_the_template_does() -> None:
     assert ids == encode(chatml, chatml.apply_chat_template([user("hot?")], tools=[WEATHER], tokenize=False,
                                                             add_generation_prompt=True))
     with pytest.raises(InvalidInput, match="does not render tools"):
-        prompt_ids(build_tokenizer(), [user("hot?")], [WEATHER])
+        prompt_ids(build_chat_tokenizer("chatml-think"), [user("hot?")], [WEATHER])
+    assert build_tokenizer().decode(prompt_ids(build_tokenizer(), [user("hot?")], [WEATHER])) == "S: tools weather\nU: hot?\nA: "
 
 
 def test_without_a_template_conversations_render_plainly_and_tools_are_refused() -> None:

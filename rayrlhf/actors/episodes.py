@@ -55,6 +55,7 @@ class _Episode:
     info: dict[str, float] = field(default_factory=dict)
     turn: int = 0
     version: int = 0
+    cut: bool = False  # the last turn hit its token limit (the episode counts as truncated)
     ended: bool = False
 
 
@@ -153,7 +154,7 @@ class EpisodeRunner:
 
     def _after_turn(self, ep: _Episode, c: Completion) -> None:
         spec = ep.request.episode
-        ep.version = c.weight_version
+        ep.version, ep.cut = c.weight_version, c.finish_reason == "length"
         sampled, text = list(c.response_ids), self._text(c.response_ids)
         ep.turn += 1
         if c.finish_reason == "length" and len(ep.tokens.ids) + len(sampled) >= spec.max_total_tokens:
@@ -220,7 +221,8 @@ class EpisodeRunner:
         info = {**ep.info, "turns": float(sum(1 for t in ep.turns if t["role"] == "assistant"))}
         self._deliver(Completion(
             request_id=ep.request.request_id, sample_index=ep.index, prompt_ids=ids[:prompt_len],
-            response_ids=ids[prompt_len:], logprobs=ep.logprobs, finish_reason="length" if reason == "max_tokens" else "stop",
+            response_ids=ids[prompt_len:], logprobs=ep.logprobs,
+            finish_reason="length" if reason == "max_tokens" or (ep.cut and reason != "failed") else "stop",
             weight_version=ep.version, loss_mask=mask[prompt_len:], turns=ep.turns, turn_rewards=ep.turn_rewards,
             end_reason=reason, env_error=error, env_info=info,
         ))

@@ -18,8 +18,9 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
 TINY_PREFIX = "tiny:"
 CHARSET = string.ascii_letters + string.digits + string.punctuation + " \n"
 
-# A chat template so that chat-template-aware code paths run on the tiny model too.
+# A chat template so that chat-template-aware code paths run on the tiny model too (tools: one line naming them).
 CHAT_TEMPLATE = (
+    "{% if tools %}S: tools {{ tools | map(attribute='function') | map(attribute='name') | join(',') }}\n{% endif %}"
     "{% for m in messages %}{{ m['role'][0] | upper }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}A: {% endif %}"
 )

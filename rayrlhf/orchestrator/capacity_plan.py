@@ -163,11 +163,11 @@ def trainer_setup(cfg: JobConfig, role: str, gpu: bool) -> TrainerSetup:
     t = cfg.trainer
     rc = t.critic if role == "critic" else t.policy
     mini = t.mini_batch_size or cfg.samples_per_step
-    width = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+    width = cfg.max_total_tokens if cfg.env.enabled else cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
     rows, passes = pass_rows(mini // rc.num_ranks, width, t.micro_batch_size, t.micro_batch_tokens)
     bf16 = t.bf16 if t.bf16 is not None else gpu
     return TrainerSetup(ranks=rc.num_ranks, stage=t.stage_for(rc.num_ranks), d=2 if bf16 else 4, rows=rows, width=width,
-                        response=cfg.rollout.max_new_tokens, passes=passes, checkpointing=t.gradient_checkpointing,
+                        response=width - cfg.data.max_prompt_tokens, passes=passes, checkpointing=t.gradient_checkpointing,
                         logits=role == "policy", cuda=gpu, offload=t.offload)
 
 
@@ -189,7 +189,8 @@ def actor_estimates(cfg: JobConfig, plan: ActorPlan,
         return cache[name]
 
     r, m, srv = cfg.rollout, cfg.model, cfg.servers
-    width = cfg.data.max_prompt_tokens + r.max_new_tokens
+    # a sample's longest sequence: prompt + response, or a multi-turn episode's whole conversation
+    width = cfg.max_total_tokens if cfg.env.enabled else cfg.data.max_prompt_tokens + r.max_new_tokens
     used: dict[str, ModelShape] = {}
     out = []
     for spec in plan.actors:

@@ -27,13 +27,29 @@ def alphabet_reward(prompts: list[str], responses: list[str], **_: object) -> li
     return [sum("a" <= ch <= "p" for ch in r) / len(r) if r else 0.0 for r in responses]
 
 
+def _matching(a: str, b: str) -> float:
+    """Share of `b`'s characters that `a` has at the same place (0 unless the lengths agree)."""
+    return sum(x == y for x, y in zip(a, b)) / len(b) if b and len(a) == len(b) else 0.0
+
+
 def tool_answer(prompts: list[str], responses: list[str], answer: list[str], transcript: list | None = None,
                 **_: object) -> list[float | None]:
-    """The `lookup` task (rayrlhf.data.tool_task): 1.0 when the episode's last assistant turn is the row's
-    `answer`, else 0.0 (a single response is its own last turn)."""
+    """The `box` task (rayrlhf.data.tool_task): up to 0.5 for the tool call and up to 0.5 for the answer.
+
+    The call earns 0.5 when the tool returned the row's `answer` (the box was opened), else 0.4 x how close the
+    first turn is to a well-formed call; the answer earns 0.5 x the share of its characters right. The partial
+    credit gives a policy a gradient before it gets whole episodes right (1.0: opened and copied). A single
+    response (no transcript) can only earn the answer's half."""
+    import difflib
+
+    from rayrlhf.data.tool_task import CALL
+
     out = []
     for i, (response, expected) in enumerate(zip(responses, answer, strict=True)):
         turns = transcript[i] if transcript is not None else None
-        last = next((t["content"] for t in reversed(turns) if t["role"] == "assistant"), "") if turns else response
-        out.append(1.0 if last.strip() == expected else 0.0)
+        mine = [t["content"] for t in turns or () if t["role"] == "assistant"]
+        opened = bool(turns) and any(t["role"] == "tool" and t["content"].strip() == expected for t in turns)
+        call = 0.5 if opened else 0.4 * difflib.SequenceMatcher(None, mine[0], CALL).ratio() if len(mine) > 1 else 0.0
+        last = mine[-1] if mine else response
+        out.append(call + 0.5 * _matching(last.strip(), expected))
     return out
