@@ -105,6 +105,16 @@ def test_submit_rejects_an_invalid_config_before_contacting_a_cluster() -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_address_means_the_ray_cluster_and_submit_takes_the_dashboard(capsys: pytest.CaptureFixture) -> None:
+    """`--address` is the Ray cluster address (train); submit's dashboard URL is `--dashboard`. A Ray address given
+    to submit as --address is refused naming both, before anything is sent."""
+    from rayrlhf.launch.cli import main
+
+    assert main(["submit", str(GRPO), "--address", "10.0.0.1:6379"]) == 2
+    err = capsys.readouterr().err
+    assert "--dashboard http://HEAD:8265" in err and "Ray cluster address of rayrlhf train" in err
+
+
 def test_entrypoint_runs_rayrlhf_without_it_on_path_or_says_what_to_do() -> None:
     """The job supervisor (a Python process with Ray loaded) runs the entrypoint with /bin/sh -c."""
     import ray  # noqa: F401 - this process stands in for the supervisor: its memory map names ray's site-packages
@@ -133,7 +143,7 @@ class TestCluster:
     def test_auth_is_on_and_a_wrong_token_is_refused(self, ray_head: Head) -> None:
         assert http_get(f"{ray_head.dashboard}/api/jobs/")[0] == 401  # no token: refused
         proc = _run(
-            [RAYRLHF, "submit", str(GRPO), "--address", ray_head.dashboard, "--no-working-dir"],
+            [RAYRLHF, "submit", str(GRPO), "--dashboard", ray_head.dashboard, "--no-working-dir"],
             {**ray_head.env, "RAY_AUTH_TOKEN": "not-the-token"}, 120,
         )
         assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -159,7 +169,7 @@ class TestCluster:
         scraper.start()
         try:
             proc = _run(
-                [RAYRLHF, "submit", str(GRPO), "--address", ray_head.dashboard, "--follow", "--submission-id", job_id,
+                [RAYRLHF, "submit", str(GRPO), "--dashboard", ray_head.dashboard, "--follow", "--submission-id", job_id,
                  "--set", "schedule.steps=6", "--set", "rollout.backend=hf", "--set", "rollout.num_workers=2",
                  "--set", "trainer.policy.num_ranks=1", "--set", f"output_dir={out}",
                  "--set", "checkpoint.every=0", "--set", "logging.in_flight_poll_s=0.5"],
@@ -284,7 +294,7 @@ def test_ray_job_stop_checkpoints_and_submit_resume_continues_exactly(tmp_path: 
            "data.eval=null", "--set", f"reward.function={slow}:reward", "--set", "rollout.micro_batch_size=64"]
     with ray_cluster(tmp_path) as head:
         def submit(out: Path, *extra: str) -> subprocess.CompletedProcess:
-            return _run([RAYRLHF, "submit", str(GRPO), "--address", head.dashboard, *job, "--set", f"output_dir={out}",
+            return _run([RAYRLHF, "submit", str(GRPO), "--dashboard", head.dashboard, *job, "--set", f"output_dir={out}",
                          *extra], head.env, 600)
 
         straight = submit(tmp_path / "straight", "--follow")

@@ -79,12 +79,24 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     try:
         return run_submit(
-            args.config, args.overrides, args.address, args.working_dir, args.no_working_dir, args.excludes,
+            args.config, args.overrides, _dashboard(args), args.working_dir, args.no_working_dir, args.excludes,
             args.follow, args.submission_id, resume=args.resume, stop_grace_s=args.stop_grace_s,
         )
     except SubmitError as exc:
         sys.stderr.write(f"rayrlhf: {exc}\n")
         return EXIT_FAILURE
+
+
+def _dashboard(args: argparse.Namespace) -> str | None:
+    """`submit --dashboard`; `--address` is accepted as its old name only for a dashboard URL: everywhere else
+    `--address` is the Ray cluster address (`rayrlhf train --address HEAD:6379`), which the Jobs API cannot use."""
+    if args.address is None:
+        return args.dashboard
+    if not args.address.startswith(("http://", "https://")):
+        raise InvalidInput(f"--address {args.address}: rayrlhf submit talks to the cluster's dashboard; give it as "
+                           "--dashboard http://HEAD:8265 (--address is the Ray cluster address of rayrlhf train)")
+    log.warning("rayrlhf submit --address is now --dashboard (--address means the Ray cluster address elsewhere)")
+    return args.address
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -134,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
     submit = sub.add_parser("submit", help="submit a job to a Ray cluster through the Jobs API")
     _add_config_args(submit)
-    submit.add_argument("--address", help="the cluster's dashboard, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS)")
+    submit.add_argument("--dashboard", help="the cluster's dashboard (Jobs API), e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS)")
+    submit.add_argument("--address", help=argparse.SUPPRESS)  # the old name of --dashboard: http(s) URLs only
     submit.add_argument("--follow", action="store_true", help="stream the job's logs; exit 0 if it succeeds, 1 otherwise")
     wd = submit.add_mutually_exclusive_group()
     wd.add_argument("--working-dir", help="directory uploaded as the job's working directory (default: the current one)")

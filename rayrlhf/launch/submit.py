@@ -84,19 +84,19 @@ def auth_headers() -> dict[str, str]:
 
 
 def dashboard_address(address: str | None) -> str:
-    """The dashboard URL to submit to: --address, else RAY_API_SERVER_ADDRESS, else an http RAY_ADDRESS."""
+    """The dashboard URL to submit to: --dashboard, else RAY_API_SERVER_ADDRESS, else an http RAY_ADDRESS."""
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS")
     if not address and os.environ.get("RAY_ADDRESS", "").startswith(("http://", "https://")):
         address = os.environ["RAY_ADDRESS"]
     if not address:
         raise InvalidInput(
-            "--address: the cluster's dashboard address is required, for example --address http://HEAD:8265 "
+            "--dashboard: the cluster's dashboard address is required, for example --dashboard http://HEAD:8265 "
             "(or set RAY_API_SERVER_ADDRESS)"
         )
     if "://" not in address:
         address = "http://" + address
     if not address.startswith(("http://", "https://")):
-        raise InvalidInput(f"--address {address}: expected the dashboard's http(s)://HOST:PORT (the Jobs API), not a Ray client address")
+        raise InvalidInput(f"--dashboard {address}: expected the dashboard's http(s)://HOST:PORT (the Jobs API), not a Ray client address")
     return address.rstrip("/")
 
 
@@ -312,7 +312,7 @@ def run_submit(
     print(f"  entrypoint: rayrlhf train {STAGE_DIR}/{sub.submission_id}.yaml{' --resume' if resume else ''}")
     print(f"  dashboard:  {job_url(address, job_id)}")
     if not follow_logs:
-        print(f"  logs:       ray job logs --follow {job_id} --address {address}  (with RAY_AUTH_MODE=token)")
+        print(f"  logs:       ray job logs --follow {job_id} --address {address}  (Ray's own CLI; with RAY_AUTH_MODE=token)")
         return 0
     try:
         status = follow(client, job_id)
