@@ -3,8 +3,8 @@ uninterrupted run of the same seeds.
 
 1. Rollout workers (on-policy GRPO, 2 vLLM workers): a worker SIGKILLed mid-rollout, a worker SIGKILLed
    inside its weight sync, a worker killed during an evaluation, an engine that hangs. Every step trains on
-   the same multiset of (data row, sample index) as the uninterrupted run, none twice, none missing; the
-   workers come back and serve again.
+   the same multiset of (data row, sample index) as the uninterrupted run (computed from the seeded data
+   order), none twice, none missing; the workers come back and serve again.
 2. Faults the design promises to survive exactly (ZeRO-3 policy of 2 ranks, collective weight sync over
    gloo): the reward function's child process SIGKILLed mid-call, the reference server SIGKILLed, a trainer
    rank SIGKILLed inside a train step's collective and inside the collective weight sync. Every figure of
@@ -214,6 +214,17 @@ def _trained(out: Path) -> dict[int, Counter]:
             for p in sorted((out / "samples").glob("step_*.jsonl"))}
 
 
+def _uninterrupted(train_file: Path, steps: int, prompts: int, group: int, seed: int = 0) -> dict[int, Counter]:
+    """Per step, the multiset of (data row, sample index) an uninterrupted run of these seeds trains on: the data
+    order is a function of the seed alone (every step takes the next `prompts` rows of its seeded shuffle), so it
+    is computed here instead of running the job twice."""
+    from rayrlhf.data.datasets import PromptDataset, load_rows
+
+    rows = load_rows(str(train_file), "prompt")
+    data = PromptDataset(rows, [[0]] * len(rows), seed=seed)
+    return {step: Counter((row, i) for row in data.next_batch(prompts) for i in range(group)) for step in range(1, steps + 1)}
+
+
 COMPARED = ("reward/mean", "kl/mean", "response/length_mean", "policy/loss", "policy/grad_norm", "data/epoch",
             "weight_version")
 
@@ -263,20 +274,18 @@ def test_worker_faults_train_every_sample_of_every_step_exactly_once(ray_local: 
            "schedule.steps=16", "schedule.prompts_per_step=8", "algorithm.group_size=4", "rollout.micro_batch_size=4",
            "checkpoint.every=0", "rollout.dump_every=1", "faults.generation_timeout_s=20",
            "faults.generation_timeout_per_token_s=0", "faults.sync_timeout_s=20", "faults.heartbeat_s=3", "reward.timeout_s=400")
-    straight = train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "straight", *job)
     chaos = Chaos(tmp_path / "chaos", _worker_faults)
     rows = chaos.during(lambda: train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "chaos", *job))
     assert chaos.error is None, repr(chaos.error)
     assert chaos.injected == ["kill rollout-0", "kill rollout-1 in its weight sync", "kill rollout-0 during the evaluation",
                               "hang rollout-1"]
-    trained, expected = _trained(tmp_path / "chaos"), _trained(tmp_path / "straight")
+    trained, expected = _trained(tmp_path / "chaos"), _uninterrupted(train_file, 16, 8, 4)
     assert sorted(trained) == list(range(1, 17))
     for step, samples in trained.items():  # the same (row, sample index) pairs, each once
         assert samples == expected[step] and set(samples.values()) == {1}, step
     train_rows = [r for r in rows if r["step"] > 0]
     assert all(r["rollout/samples"] == 32 and r["reward/failed"] == 0 for r in train_rows)
-    evals = {r["step"]: r["eval/samples"] for r in rows if "eval/samples" in r}
-    assert evals == {r["step"]: r["eval/samples"] for r in straight if "eval/samples" in r} == {s: 8 for s in (0, 4, 8, 12, 16)}
+    assert {r["step"]: r["eval/samples"] for r in rows if "eval/samples" in r} == {s: 8 for s in (0, 4, 8, 12, 16)}
     last = train_rows[-1]
     assert last["faults/worker_failures"] == 4 and last["faults/worker_restarts"] == 4
     assert last["faults/redispatched_samples"] > 0 and last["faults/hangs"] == 1 and last["faults/hang_dumps"] == 1
@@ -295,7 +304,8 @@ def _exact_faults(chaos: Chaos) -> None:
     busy = chaos.out.parent / "chaos_reward.busy"
     chaos.steps_done(1)
     chaos.wait(busy.exists, "a reward call in flight")
-    [child] = psutil.Process(_pid("reward-0")).children()  # a. the reward function's own process, mid-call
+    [child] = [p for p in psutil.Process(_pid("reward-0")).children()  # a. the reward function's process, mid-call
+               if "spawn_main" in " ".join(p.cmdline())]  # (not multiprocessing's resource tracker)
     chaos.kill(child.pid, "kill the reward function's process")
     chaos.steps_done(2)
     chaos.kill(_pid("reference"), "kill reference")  # b. the reference server
@@ -366,7 +376,6 @@ def test_asynchronous_mode_with_one_worker_survives_its_crash_mid_rollout(ray_lo
         chaos.steps_done(2)
         chaos.kill_mid_rollout("rollout-0")
 
-    train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "straight", *job)
     chaos = Chaos(tmp_path / "async", kill_the_worker)
     rows = chaos.during(lambda: train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "async", *job))
     assert chaos.error is None and chaos.injected == ["kill rollout-0"], repr(chaos.error)
@@ -376,7 +385,8 @@ def test_asynchronous_mode_with_one_worker_survives_its_crash_mid_rollout(ray_lo
     # Stale samples cannot show the engine/trainer mismatch (before: staleness was reported as rollout/logprob_mismatch);
     # a probe after each verified sync does (the first sync is verified, the next ones every 10)
     assert rows[0]["rollout/logprob_mismatch"] < 1e-3 and "rollout/logprob_mismatch" not in rows[1]
-    trained, expected = _trained(tmp_path / "async"), _trained(tmp_path / "straight")
+    trained, expected = _trained(tmp_path / "async"), _uninterrupted(train_file, 8, 8, 4)
+    assert sorted(trained) == list(range(1, 9))
     for step, samples in trained.items():
         assert samples == expected[step] and set(samples.values()) == {1}, step
         versions = {s["weight_version"] for s in read_samples(tmp_path / "async" / "samples" / f"step_{step}.jsonl")}

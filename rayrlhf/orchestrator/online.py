@@ -33,10 +33,10 @@ from typing import Any
 import torch
 
 from rayrlhf.actors.types import Completion, GenerationRequest, SamplingSpec
-from rayrlhf.algorithms import explained_variance, make_kl_controller, masked_mean
+from rayrlhf.algorithms import make_kl_controller
 from rayrlhf.config import ConfigError, JobConfig, to_yaml
 from rayrlhf.errors import FailureBudgetExceeded, Preempted, TrainerFailed, WorkersLost
-from rayrlhf.orchestrator.batch import assemble, episode_metrics
+from rayrlhf.orchestrator.batch import assemble
 from rayrlhf.orchestrator.checkpoint import latest_checkpoint, load_rollouts, load_state, save_checkpoint
 from rayrlhf.orchestrator.episodes import episode_spec, reward_inputs, stop_token_ids
 from rayrlhf.orchestrator.evaluation import evaluate
@@ -44,9 +44,6 @@ from rayrlhf.orchestrator.experience import (
     RunningMoments,
     compute_advantages,
     controller_kl,
-    kl_per_sequence,
-    kl_token_mean,
-    logprob_mismatch,
     shape_scores,
 )
 from rayrlhf.orchestrator.faults import FailureBudget, FaultCounters
@@ -56,16 +53,12 @@ from rayrlhf.orchestrator.preflight import Checked, preflight
 from rayrlhf.orchestrator.rollout import stream_rollouts
 from rayrlhf.orchestrator.run_dir import claim_output_dir
 from rayrlhf.orchestrator.samples import write_samples
+from rayrlhf.orchestrator.step_metrics import step_row
 from rayrlhf.orchestrator.system import System, old_logprobs_mode, sampling_distorts
 from rayrlhf.orchestrator.telemetry import Telemetry
 from rayrlhf.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
-
-
-def _mean(values: list[float | None]) -> float:
-    kept = [v for v in values if v is not None]
-    return sum(kept) / len(kept) if kept else float("nan")
 
 
 class _StopOnSigterm:
@@ -341,57 +334,18 @@ class OnlineRL:
         return out
 
     def _metrics_row(self, exp, adv, kl_coef, train, timings, rollout_s, train_s, sync_s, t_step) -> dict[str, Any]:
-        mask = exp["mask"] * exp["valid"].float().unsqueeze(1)
-        valid = exp["valid"]
-        tokens = float(exp["response_len"].sum())
         length = float(exp["response_len"].mean())
         if self.first_length is None:
             self.first_length = length
-        total = exp["scores"] + exp["turn_rewards"].sum(dim=1) if "turn_rewards" in exp else exp["scores"]
-        row: dict[str, Any] = {
-            "step": self.step,
-            "weight_version": self.weight_version,
-            "reward/mean": float(total[valid].mean()) if valid.any() else float("nan"),
-            "reward/std": float(total[valid].std()) if valid.sum() > 1 else 0.0,
-            "reward/failed": int(torch.isnan(exp["scores"]).sum()),  # not scored (env failures: env/failed)
-            **{f"reward/{name}": _mean(values) for name, values in exp["reward_parts"].items()},
-            **episode_metrics(exp["completions"], exp["mask"]),
-            "kl/mean": kl_token_mean(adv.kl, mask) if "ref_logp" in exp else float("nan"),  # null: no KL computed
-            "kl/seq_mean": kl_per_sequence(adv.kl, mask) if "ref_logp" in exp else float("nan"),
-            "kl/coef": kl_coef,
-            "response/length_mean": length,
-            "response/length_drift": length / max(self.first_length, 1e-9),
-            "response/truncated_frac": float(exp["truncated"].float().mean()),
-            "rollout/samples": len(exp["versions"]),
-            "rollout/backend": self.cfg.rollout.backend,
-            "rollout/min_weight_version": min(exp["versions"]),
-            **staleness(self.step, exp["versions"]),
-            **(self._sampled_gap(exp) if "logp" in exp else {}),
-            "advantages/mean": float(masked_mean(adv.advantages, mask)),
-            "throughput/tokens_per_s": tokens / max(rollout_s, 1e-9),
-            "timing/step_s": time.monotonic() - t_step,
-            "timing/rollout_s": rollout_s,
-            "timing/score_s": timings.score_s,
-            "timing/overlap_frac": timings.overlap_frac,
-            "timing/train_s": train_s,
-            "timing/sync_s": sync_s,
-            "data/epoch": self.data.epoch,
-        }
-        if adv.returns is not None:
-            row["critic/explained_variance"] = float(explained_variance(exp["values"], adv.returns, mask))
-        if "entropy" in exp:  # else the update's own forward reports it (policy/entropy)
-            row["policy/entropy"] = float(masked_mean(exp["entropy"], mask))
+        row = step_row(exp, adv, kl_coef, timings, rollout_s, self.comparable_logprobs)
+        row.update({
+            "step": self.step, "weight_version": self.weight_version, "kl/coef": kl_coef,
+            "response/length_drift": length / max(self.first_length, 1e-9), "rollout/backend": self.cfg.rollout.backend,
+            **staleness(self.step, exp["versions"]), "timing/step_s": time.monotonic() - t_step,
+            "timing/train_s": train_s, "timing/sync_s": sync_s, "data/epoch": self.data.epoch,
+        })
         row.update(train)
         return row
-
-    def _sampled_gap(self, exp: dict[str, Any]) -> dict[str, float]:
-        """The engine's sampling log-probs against the trainer's on the sampled tokens: the engine/trainer
-        mismatch when the two are comparable (on-policy, unprocessed sampling); else the distance of the
-        behaviour distribution (stale weights, processed sampling) from the policy being trained."""
-        gap = logprob_mismatch(exp["sample_logp"], exp["logp"], exp["mask"])
-        if self.comparable_logprobs:
-            return gap
-        return {"rollout/behaviour_kl": gap["rollout/logprob_mismatch"], "rollout/behaviour_max_diff": gap["rollout/logprob_max_diff"]}
 
     def _evaluate(self) -> dict[str, float]:
         assert self.eval_data is not None
