@@ -168,3 +168,37 @@ def test_weight_update_changes_weights_version_and_outputs(workers: dict, tiny_m
         assert all(c.weight_version == 1 for c in after)
         changed = [c.response_ids != before[backend][c.request_id.replace("d-1", "d-0")] for c in after]
         assert any(changed), f"{backend}: greedy outputs did not change after the weight update"
+
+
+def test_transformers_samples_are_reproducible_whatever_they_are_batched_with(tiny_model: Path,
+                                                                              prompt_ids: list[list[int]]) -> None:
+    """Each sample is drawn from its own seed (Gumbel-max over the warped logits), as vLLM's per-request seeds: a
+    multi-turn episode's turns reach the engine whenever their environments answer, in whatever batches, and must
+    sample the same tokens every time. Their log-probs are log_softmax(logits / T) of the drawn tokens."""
+    import torch.nn.functional as F
+
+    from rayrlhf.actors.engines import HFEngine
+
+    engine = HFEngine(tiny_model, dtype="float32")
+    spec = SamplingSpec(n=2, temperature=0.9, max_new_tokens=10, seed=123)
+
+    def run(requests: list[GenerationRequest]) -> dict[tuple[str, int], tuple[list[int], list[float]]]:
+        for r in requests:
+            engine.add(r)
+        out = {}
+        while engine.has_unfinished():
+            out.update({(c.request_id, c.sample_index): (c.response_ids, c.logprobs) for c in engine.step()})
+        return out
+
+    alone = run([GenerationRequest("a", prompt_ids[0], spec)])
+    crowded = run([GenerationRequest(f"x{i}", p, SamplingSpec(n=3, temperature=0.9, max_new_tokens=10, seed=9 + i))
+                   for i, p in enumerate(prompt_ids[1:4])] + [GenerationRequest("a", prompt_ids[0], spec)])
+    for k in (("a", 0), ("a", 1)):  # the same tokens; log-probs to float rounding (other rows pad the batch)
+        assert alone[k][0] == crowded[k][0]
+        assert torch.allclose(torch.tensor(alone[k][1]), torch.tensor(crowded[k][1]), atol=1e-5)
+    assert alone[("a", 0)][0] != alone[("a", 1)][0]  # two samples of one request differ (seed + index)
+    ids, logprobs = alone[("a", 0)]
+    with torch.no_grad():
+        logits = engine.model(input_ids=torch.tensor([prompt_ids[0] + ids])).logits[0, len(prompt_ids[0]) - 1 : -1]
+    expected = F.log_softmax(logits.float() / 0.9, dim=-1).gather(-1, torch.tensor(ids).unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(torch.tensor(logprobs), expected, atol=1e-5)

@@ -271,13 +271,48 @@ class VLLMEngine:
 # ---------------------------------------------------------------------------------------------
 
 
+class PerSampleSampler:
+    """A logits processor that samples every row of a batch itself, from softmax(warped logits), with Gumbel noise
+    drawn from the row's own seed and position (the Gumbel-max trick: argmax(log p + G) is a draw from p). What a
+    sample gets does not depend on which other requests share its batch, as with vLLM's per-request seeds: a
+    multi-turn episode's turns, which reach the engine whenever their environments answer, sample the same tokens
+    however they are batched. Returns scores that make greedy search pick the drawn token, and keeps the drawn
+    token's log-prob under the warped distribution (temperature, top-k, top-p; log_softmax(logits / T) without them)."""
+
+    def __init__(self, spec: SamplingSpec, seeds: list[int | None], prompt_len: int) -> None:
+        self.spec, self.prompt_len = spec, prompt_len
+        self.seeds = [s if s is not None else int(torch.randint(0, 2**31 - 1, ())) for s in seeds]
+        self.logprobs: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        spec, position = self.spec, input_ids.shape[1] - self.prompt_len
+        logits = scores.float() / spec.temperature
+        if spec.top_k > 0:
+            kth = logits.topk(min(spec.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if spec.top_p < 1.0:
+            ordered, order = logits.sort(dim=-1, descending=True)
+            cut = ordered.softmax(dim=-1).cumsum(dim=-1) - ordered.softmax(dim=-1) >= spec.top_p  # keep the first past top_p
+            logits = logits.masked_fill(cut.scatter(-1, order, cut), float("-inf"))
+        logp = F.log_softmax(logits, dim=-1)
+        noise = torch.stack([self._gumbel(seed, position, logits.shape[-1]) for seed in self.seeds]).to(logits.device)
+        drawn = (logp + noise).argmax(dim=-1, keepdim=True)
+        self.logprobs.append(logp.gather(-1, drawn).squeeze(-1))
+        return torch.full_like(scores, float("-inf")).scatter(-1, drawn, 0.0)
+
+    @staticmethod
+    def _gumbel(seed: int, position: int, size: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + position * 7_919) % (2**63 - 1))
+        u = torch.rand(size, generator=generator, dtype=torch.float64).clamp(1e-300, 1.0)
+        return -torch.log(-torch.log(u)).float()
+
+
 class HFEngine:
     """transformers `generate`, for machines without vLLM and for very small models.
 
     Each step runs one batch: the oldest pending request's sampling settings and every pending
-    sample that shares them (left-padded), whatever their seeds. Seeds are per batch, not per
-    sample: a batch is seeded from the seeds of its requests, so a seeded sample is reproducible
-    when it is batched with the same requests again (as the same step of a run is).
+    sample that shares them (left-padded). Each sample is drawn from its own seed (`PerSampleSampler`),
+    so a seeded sample is reproducible whatever it is batched with.
     """
 
     def __init__(
@@ -323,13 +358,11 @@ class HFEngine:
     def _generation_config(self, spec: SamplingSpec, stop_ids: set[int]) -> Any:
         from transformers import GenerationConfig
 
-        # Every knob explicit: unset ones fall back to the checkpoint's or library defaults (top_k=50).
-        # Greedy (temperature 0) leaves the warpers unset: generate ignores them without sampling.
-        warpers = {"do_sample": False}
-        if spec.temperature > 0:
-            warpers = {"do_sample": True, "temperature": spec.temperature, "top_p": spec.top_p, "top_k": max(spec.top_k, 0)}
+        # Every knob explicit: unset ones fall back to the checkpoint's or library defaults (top_k=50). Sampling is
+        # greedy search over what `PerSampleSampler` returns (it draws each row's token itself, from its own seed).
         return GenerationConfig(
-            **warpers, min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1,
+            do_sample=False, top_k=None, top_p=None, temperature=None, min_p=None, typical_p=1.0, repetition_penalty=1.0,
+            no_repeat_ngram_size=0, num_beams=1,
             max_new_tokens=spec.max_new_tokens, min_new_tokens=spec.min_new_tokens, eos_token_id=sorted(stop_ids),
             pad_token_id=self.pad_id, return_dict_in_generate=True, output_scores=True,
         )
@@ -352,19 +385,22 @@ class HFEngine:
         for row, (req, _) in enumerate(batch):
             input_ids[row, p_len - len(req.prompt_ids) :] = torch.as_tensor(req.prompt_ids, dtype=torch.long)
             attention[row, p_len - len(req.prompt_ids) :] = 1
-        seeds = [req.sampling.seed + i for req, i in batch if req.sampling.seed is not None]
-        if seeds:  # one seed for the batch, from all of its requests' seeds: the same batch samples the same
-            torch.manual_seed(sum(s * 1_000_003**k for k, s in enumerate(seeds)) % (2**63 - 1))
+        sampler = None
+        if spec.temperature > 0:  # each row sampled from its own seed: independent of the batch it shares
+            sampler = PerSampleSampler(spec, [None if req.sampling.seed is None else req.sampling.seed + i for req, i in batch],
+                                       p_len)
         out = self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention.to(self.device),
             generation_config=self._generation_config(spec, stop_ids),
+            **({"logits_processor": [sampler]} if sampler is not None else {}),
         )
         tokens = out.sequences[:, p_len:].cpu()
-        # `scores` are the processed logits: temperature applied, top-k/top-p masked, as in vLLM's
-        # processed_logprobs; log_softmax(logits / T) when top-k/top-p are off.
-        scores = torch.stack(out.scores, dim=1).float()
-        logprobs = F.log_softmax(scores, dim=-1).gather(-1, tokens.to(scores.device).unsqueeze(-1)).squeeze(-1).cpu()
+        if sampler is not None:
+            logprobs = torch.stack(sampler.logprobs, dim=1).cpu()
+        else:  # greedy: log_softmax of the logits (min_new_tokens masking included, as vLLM's processed log-probs)
+            scores = torch.stack(out.scores, dim=1).float()
+            logprobs = F.log_softmax(scores, dim=-1).gather(-1, tokens.to(scores.device).unsqueeze(-1)).squeeze(-1).cpu()
 
         probes = {}  # log p of each prompt token, for requests that ask (a probe of the engine's weights)
         for row, (req, _) in enumerate(batch):
