@@ -47,7 +47,13 @@ from rayrlhf.actors.resources import default_threads, pin_to_cores
 from rayrlhf.actors.weights import Bucket, Region, bucketize, full_region, region_slice, tensor_checksum
 from rayrlhf.models.forward import sequence_scores, token_logprobs, token_values
 from rayrlhf.models.hf_layout import checkpoint_aliases, checkpoint_format, module_weights
-from rayrlhf.models.loading import load_critic, load_policy, load_reward_model, resolve_dtype
+from rayrlhf.models.loading import (
+    load_critic,
+    load_policy,
+    load_reward_model,
+    resolve_dtype,
+    training_precision,
+)
 from rayrlhf.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -71,7 +77,7 @@ class TrainerSettings:
     lr_schedule: str = "constant"
     total_steps: int = 1
     max_grad_norm: float = 1.0
-    bf16: bool | None = None  # None: on where CUDA supports bf16
+    bf16: bool | None = None  # None: on where CUDA supports bf16 or the weights are bf16 (loading.training_precision)
     gradient_checkpointing: bool = False
     offload: str = "none"  # none | optimizer | all (ZeRO-Offload to host memory)
     dtype: str = "auto"
@@ -207,7 +213,8 @@ class TrainerRank:
         random.seed(s.seed)
         np.random.seed(s.seed)
         torch.manual_seed(s.seed)  # identical new heads (critic / reward) on every rank
-        hf = _LOADERS[self.role](self.model_path, s.dtype, s.trust_remote_code, s.disable_dropout)
+        bf16, weights_dtype = training_precision(s.dtype, s.bf16)  # AdamW steps float32 weights or masters
+        hf = _LOADERS[self.role](self.model_path, weights_dtype, s.trust_remote_code, s.disable_dropout)
         if s.gradient_checkpointing:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         hf.config.use_cache = False
@@ -218,7 +225,6 @@ class TrainerRank:
         # fused: one kernel over all parameters (torch's default on CPU loops tensor by tensor)
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=s.lr, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s))
-        bf16 = s.bf16 if s.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
         config = deepspeed_config(s, self.world_size, bf16)
         self.engine, *_ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False,

@@ -84,7 +84,10 @@ class TrainerConfig(Section):
         None, ge=1, description="Samples per optimizer step across all ranks; default: all samples of a step (one update per epoch)."
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    bf16: bool | None = Field(None, description="bfloat16 mixed precision; default: on where the GPU supports it, off on CPU.")
+    bf16: bool | None = Field(
+        None, description="bfloat16 mixed precision (float32 master weights); default: on where the GPU supports it or "
+        "model.dtype is bfloat16, else off and the trainers hold float32 weights. false with bfloat16/float16 weights is refused."
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     offload: Literal["none", "optimizer", "all"] = Field(
         "none", description="ZeRO-Offload to host memory: the optimizer state (ZeRO >= 1), or with 'all' also the "

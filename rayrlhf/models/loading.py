@@ -19,6 +19,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from rayrlhf.config.job import precision_conflict
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,6 +33,24 @@ def resolve_dtype(name: str) -> torch.dtype:
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def training_precision(dtype: str, bf16: bool | None) -> tuple[bool, str]:
+    """(bf16 mixed precision on, the dtype a trainer loads its weights in) for `model.dtype` and `trainer.bf16`.
+
+    AdamW must step float32 weights: without mixed precision there is no float32 master copy, and an
+    update smaller than a bfloat16 weight's spacing (lr 1e-6 on a weight of 1: 2^-8) rounds away. So
+    `bf16: null` turns mixed precision on where the GPU supports it and wherever the weights resolve to
+    bfloat16 (DeepSpeed then keeps float32 masters), and with it off the trainer loads float32 whatever
+    `model.dtype` says for the engines ('auto', float16). An explicit `bf16: false` with half-precision
+    weights is refused (`config.job.precision_conflict`).
+    """
+    problem = precision_conflict(dtype, bf16)
+    if problem:
+        raise ValueError(problem)
+    if bf16 is None:
+        bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) or resolve_dtype(dtype) == torch.bfloat16
+    return (True, dtype) if bf16 else (False, "float32")
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
