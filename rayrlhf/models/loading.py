@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -118,11 +119,19 @@ def load_reward_model(
     path: str | Path, dtype: str = "auto", trust_remote_code: bool = False, no_dropout: bool = True
 ) -> PreTrainedModel:
     """A sequence classifier with one label: the score read at the last non-padding token."""
+    auto_class, config = role_config("reward", path, trust_remote_code)
+    model = auto_class.from_pretrained(str(path), config=config, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
+    return disable_dropout(model) if no_dropout else model
+
+
+def role_config(role: str, path: str | Path, trust_remote_code: bool = False) -> tuple[type, Any]:
+    """(transformers auto class, config) a role's model is built from: a causal LM for the policy and the
+    reference; a one-label sequence classifier, with a pad token to find each row's last token, for the critic
+    and the reward model."""
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if role in ("policy", "reference"):
+        return AutoModelForCausalLM, config
     config.num_labels = 1
     if config.pad_token_id is None:
         config.pad_token_id = _pad_id(path, trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(path), config=config, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
-    )
-    return disable_dropout(model) if no_dropout else model
+    return AutoModelForSequenceClassification, config
