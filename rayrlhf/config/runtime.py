@@ -93,6 +93,10 @@ class TrainerConfig(Section):
         "none", description="ZeRO-Offload to host memory: the optimizer state (ZeRO >= 1), or with 'all' also the "
         "parameters (ZeRO-3); less GPU memory, slower steps (`rayrlhf plan` counts the host memory)."
     )
+    partitioned_init: bool = Field(
+        True, description="ZeRO-3: each rank builds the model already partitioned and the checkpoint is streamed in "
+        "module by module (a rank's host memory falls with the group size); false: every rank loads it whole first."
+    )
     policy: RoleConfig = Field(default_factory=RoleConfig, description="The policy trainer group.")
     critic: RoleConfig = Field(default_factory=lambda: RoleConfig(lr=5e-6), description="The critic trainer group (ppo only).")
 
