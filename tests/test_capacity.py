@@ -104,11 +104,12 @@ def test_layer_activations_hand_computed() -> None:
     assert layer_activation_bytes(SMALL, 2) == 2 * 8 * 64 + 5 * 64 * 2 + 8 + 4 * 128 * 2
 
 
-def test_logits_keep_a_float32_copy_of_every_chunk_in_training() -> None:
-    # 4 rows x 16 response tokens x 100 vocab: (4 + 2 x 2) bytes each, plus three float32 [64, 100] chunks
-    assert logits_bytes(SMALL, 4, 16, 2, training=True) == 8 * 6400 + 3 * 64 * 100 * 4
-    # forward only: bf16 logits over 17 positions, their flattened copy, the chunk temporaries
-    assert logits_bytes(SMALL, 4, 16, 2, training=False) == 2 * 4 * 17 * 100 + 2 * 6400 + 3 * 64 * 100 * 4
+def test_logits_stay_in_the_model_dtype_and_float32_work_is_one_block() -> None:
+    # 4 rows x 17 positions x 100 vocab in bf16, kept for backward, plus their bf16 gradient, plus three float32
+    # [64, 100] blocks (no float32 copy of the logits is kept: blocks are recomputed in backward)
+    assert logits_bytes(SMALL, 4, 16, 2, training=True) == 2 * 2 * 4 * 17 * 100 + 3 * 64 * 100 * 4
+    # forward only: the bf16 logits and the block temporaries
+    assert logits_bytes(SMALL, 4, 16, 2, training=False) == 2 * 4 * 17 * 100 + 3 * 64 * 100 * 4
 
 
 @pytest.mark.parametrize("stage, weights, master, adam, grads", [

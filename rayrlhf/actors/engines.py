@@ -37,6 +37,8 @@ class Engine(Protocol):
     def finish_weight_update(self) -> None: ...
     def checksums(self, names: list[str]) -> dict[tuple[str, Region], str]: ...
 
+    dtype: torch.dtype  # the dtype the engine computes in, resolved where it runs
+
 
 def _bucket_tensors(bucket: Bucket, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """Zero-copy tensors of a bucket; int16 arrays carry bfloat16 bits for a bfloat16 model (weights.to_numpy)."""
@@ -159,6 +161,9 @@ class VLLMEngine:
             **({"max_num_seqs": max_num_seqs} if max_num_seqs else {}),
         )
         self._engine = LLMEngine.from_engine_args(args)
+        # what the engine really computes in (its own resolution of the requested dtype, on this node)
+        model_config = getattr(self._engine, "model_config", None)
+        self.dtype = getattr(model_config, "dtype", None) or self.dtype
         self._requests: dict[str, tuple[GenerationRequest, int]] = {}
         self._updating = False
 
@@ -324,17 +329,19 @@ class HFEngine:
         device: str = "cpu",
         max_batch_size: int = 256,
     ) -> None:
-        from rayrlhf.models.hf_layout import converts_layout
+        from rayrlhf.models.hf_layout import checkpoint_renames
         from rayrlhf.models.loading import load_policy, load_tokenizer
 
         torch.manual_seed(seed)
         self.device = torch.device(device)
         self.model = load_policy(model_path, dtype, trust_remote_code).to(self.device).eval()
-        if converts_layout(self.model):
+        renames = checkpoint_renames(self.model)  # weights arrive under checkpoint names
+        if renames is None:
             raise ValueError(
                 f"rollout.backend=hf cannot take weight updates for {self.model.config.model_type}: transformers keeps "
                 "its weights in another layout than its checkpoint (e.g. fused experts); use rollout.backend=vllm"
             )
+        self._memory_name = renames
         self.dtype = next(self.model.parameters()).dtype
         tok = load_tokenizer(model_path, trust_remote_code)
         self.pad_id = int(tok.pad_token_id)
@@ -437,15 +444,17 @@ class HFEngine:
         """transformers generate keeps no cache between batches."""
 
     def begin_weight_update(self, aliases: dict[str, str] | None = None) -> None:
-        self._loaded = set(aliases or {})  # tied: updated with the tensor they share
+        self._loaded = {self._memory_name.get(a, a) for a in aliases or {}}  # tied: updated with the tensor they share
 
     @torch.no_grad()
     def load_weights(self, bucket: Bucket) -> None:
-        """Copy each named tensor into the model's state in place (tied weights share storage)."""
+        """Copy each tensor, named in the checkpoint format, into the model's state in place (tied weights share
+        storage; a checkpoint name transformers renames in memory, like GPT-NeoX's embed_out, is renamed back)."""
         state = self.model.state_dict()
-        for name, tensor in _bucket_tensors(bucket, self.dtype):
+        for ck_name, tensor in _bucket_tensors(bucket, self.dtype):
+            name = self._memory_name.get(ck_name, ck_name)
             if name not in state:
-                raise KeyError(f"load_weights: the model has no weight named {name!r}")
+                raise KeyError(f"load_weights: the model has no weight named {ck_name!r}")
             if state[name].shape != tensor.shape:
                 raise ValueError(f"load_weights: {name} has shape {tuple(tensor.shape)}, the model {tuple(state[name].shape)}")
             state[name].copy_(tensor)

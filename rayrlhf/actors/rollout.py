@@ -236,6 +236,11 @@ class RolloutWorker:
         with self._engine_lock:
             self._engine.reset_prefix_cache()
 
+    def weight_dtype(self) -> str:
+        """The dtype this worker's engine computes in ('bfloat16', 'float32', ...), decided on its own node: weights
+        travel in it, so the driver (maybe on a node without a GPU, where 'auto' means float32) asks instead."""
+        return str(self._engine.dtype).removeprefix("torch.")
+
     def ready(self) -> bool:
         """True once the engine is up (the constructor built it); raises if the engine has failed."""
         if self._failed is not None:

@@ -47,7 +47,13 @@ from rayrlhf.actors.resources import default_threads, pin_to_cores
 from rayrlhf.actors.weights import Bucket, Region, bucketize, full_region, region_slice, tensor_checksum
 from rayrlhf.models.forward import sequence_scores, token_logprobs, token_values
 from rayrlhf.models.hf_layout import checkpoint_aliases, checkpoint_format, module_weights
-from rayrlhf.models.loading import load_critic, load_policy, load_reward_model, resolve_dtype
+from rayrlhf.models.loading import (
+    load_critic,
+    load_policy,
+    load_reward_model,
+    resolve_dtype,
+    training_precision,
+)
 from rayrlhf.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -71,9 +77,10 @@ class TrainerSettings:
     lr_schedule: str = "constant"
     total_steps: int = 1
     max_grad_norm: float = 1.0
-    bf16: bool | None = None  # None: on where CUDA supports bf16
+    bf16: bool | None = None  # None: on where CUDA supports bf16 or the weights are bf16 (loading.training_precision)
     gradient_checkpointing: bool = False
     offload: str = "none"  # none | optimizer | all (ZeRO-Offload to host memory)
+    partitioned_init: bool = True  # ZeRO-3: build the model partitioned and stream the checkpoint in (models.partitioned)
     dtype: str = "auto"
     trust_remote_code: bool = False
     seed: int = 0
@@ -207,25 +214,43 @@ class TrainerRank:
         random.seed(s.seed)
         np.random.seed(s.seed)
         torch.manual_seed(s.seed)  # identical new heads (critic / reward) on every rank
-        hf = _LOADERS[self.role](self.model_path, s.dtype, s.trust_remote_code, s.disable_dropout)
+        bf16, weights_dtype = training_precision(s.dtype, s.bf16)  # AdamW steps float32 weights or masters
+        config = deepspeed_config(s, self.world_size, bf16)
+        hf = self._build_model(weights_dtype, config)
         if s.gradient_checkpointing:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         hf.config.use_cache = False
         module = RoleModule(self.role, hf)
-        decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
+        # a ZeRO-3 partitioned parameter is a flat shard: its own shape is `ds_shape`
+        decay = [p for p in module.parameters() if p.requires_grad and len(getattr(p, "ds_shape", p.shape)) >= 2]
+        no_decay = [p for p in module.parameters() if p.requires_grad and len(getattr(p, "ds_shape", p.shape)) < 2]
         groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         # fused: one kernel over all parameters (torch's default on CPU loops tensor by tensor)
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=s.lr, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s))
-        bf16 = s.bf16 if s.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
-        config = deepspeed_config(s, self.world_size, bf16)
         self.engine, *_ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False,
         )
         self.device = self.engine.device
         log.info("%s rank %d/%d ready: ZeRO-%d, bf16=%s, %s", self.role, self.rank, self.world_size, s.zero_stage,
                  bf16, self.device)
+
+    def _build_model(self, weights_dtype: str, ds_config: dict[str, Any]) -> Any:
+        """The role's model: under ZeRO-3 created partitioned over the group and streamed in module by module
+        (`models.partitioned`: a rank's host memory falls with the group size), else loaded whole on each rank."""
+        s = self.settings
+        self.built_partitioned = False
+        if s.zero_stage == 3 and s.partitioned_init:
+            from rayrlhf.models.partitioned import NotPartitionable, load_partitioned
+
+            try:
+                model = load_partitioned(self.role, self.model_path, weights_dtype, s.trust_remote_code,
+                                         s.disable_dropout, ds_config)
+                self.built_partitioned = True
+                return model
+            except NotPartitionable as exc:  # raised by every rank alike: all load whole instead
+                log.warning("%s: loading the whole model on each rank (%s)", self.role, exc)
+        return _LOADERS[self.role](self.model_path, weights_dtype, s.trust_remote_code, s.disable_dropout)
 
     # ---------------------------------------------------------------- forward-only passes
 

@@ -68,6 +68,7 @@ def trainer_settings(cfg: JobConfig, role: str, total_steps: int) -> TrainerSett
         bf16=t.bf16,
         gradient_checkpointing=t.gradient_checkpointing,
         offload=t.offload,
+        partitioned_init=t.partitioned_init,
         dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code,
         seed=cfg.seed,

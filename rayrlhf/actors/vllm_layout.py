@@ -5,6 +5,10 @@ what the trainer holds. The trainer speaks the Hugging Face *checkpoint* format 
 and layout of `model.safetensors`); vLLM stores weights its own way. This module undoes
 vLLM's layout, per engine rank, into pieces ``(checkpoint name, region, tensor)``:
 
+* **names**: vLLM's loader renames checkpoint names (prefixes, `gpt_neox.` -> `model.`, transformers'
+  own renamings such as `embed_out` -> `lm_head`, stacked q/k/v -> `qkv_proj` shard "q"). Rather than a
+  table per architecture, each of the trainer's checkpoint names is put through the model's own
+  `hf_to_vllm_mapper` -- what `load_weights` does with it -- and the result is inverted;
 * **fused projections** (`qkv_proj`, `gate_up_proj`) are split into the checkpoint's
   `q/k/v_proj` and `gate/up_proj`, or kept fused when the checkpoint itself fuses them (Phi-3);
 * **tensor parallelism**: a rank holds a slice of each sharded tensor. A piece's region is
@@ -146,9 +150,16 @@ def _fused_parts(module: torch.nn.Module, leaf: str, tensor: torch.Tensor) -> li
     return [(n // size, rank * (n // size), n) for n in sizes]
 
 
+def _num_parts(module: torch.nn.Module) -> int:
+    return 3 if hasattr(module, "num_kv_head_replicas") else len(getattr(module, "output_sizes", ()) or ())
+
+
 def _split_fused(
     module: torch.nn.Module, module_name: str, attr: str, tensor: torch.Tensor, parts: list[str], names: set[str],
+    part_names: list[str] | None = None,
 ) -> list[Piece]:
+    """The fused tensor's parts as checkpoint pieces: named `part_names` (the loader's own mapping, when it
+    has one) or `<prefix><part>.<attr>` for `parts` (packed_modules_mapping), or kept fused (Phi-3)."""
     leaf = module_name.rpartition(".")[2]
     layout = _fused_parts(module, leaf, tensor)
     if sum(rows for rows, _, _ in layout) != tensor.shape[0]:
@@ -161,10 +172,13 @@ def _split_fused(
             pieces.append((fused, placed(chunk.shape, 0, base + offset), chunk))
             base += total
         return pieces
-    if len(parts) != len(layout):
-        raise NotImplementedError(f"{fused}: fused layout {leaf}={parts} does not match {len(layout)} parts")
-    prefix = module_name[: len(module_name) - len(leaf)]
-    split_names = [f"{prefix}{part}.{attr}" for part in parts]
+    if part_names is not None and len(part_names) == len(layout):
+        split_names = part_names
+    else:
+        if len(parts) != len(layout):
+            raise NotImplementedError(f"{fused}: fused layout {leaf}={parts} does not match {len(layout)} parts")
+        prefix = module_name[: len(module_name) - len(leaf)]
+        split_names = [f"{prefix}{part}.{attr}" for part in parts]
     return [(name, placed(chunk.shape, 0, offset), chunk)
             for name, chunk, (_, offset, _) in zip(split_names, chunks, layout, strict=True)]
 
@@ -195,18 +209,47 @@ def _expert_pieces(module: torch.nn.Module, attr: str, tensor: torch.Tensor, dty
     return pieces
 
 
+Shard = str | int | None
+_QKV_SHARDS = ("q", "k", "v")
+
+
+def vllm_names(model: torch.nn.Module, names: set[str]) -> dict[tuple[str, Shard], str]:
+    """{(vLLM parameter name, shard id or None): checkpoint name} for the trainer's checkpoint `names`.
+
+    Derived from what the model's loader does with a checkpoint name: `hf_to_vllm_mapper`, the
+    WeightsMapper `load_weights` applies (prefix/regex/substring renames, transformers' own renamings,
+    stacked q/k/v or gate/up into a fused parameter with its shard id). Names the mapper drops (None)
+    or a model without a mapper map to themselves, as its loader then uses the name as it comes.
+    """
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    out: dict[tuple[str, Shard], str] = {}
+    for name in sorted(names):
+        if mapper is None:
+            out.setdefault((name, None), name)
+            continue
+        for vllm_name, probe in mapper.apply([(name, torch.empty(0))]):  # a fresh probe: apply tags it with a shard id
+            out.setdefault((vllm_name, getattr(probe, "shard_id", None)), name)
+    return out
+
+
+def _shard_id(module: torch.nn.Module, index: int) -> Shard:
+    """The loader's shard id of a fused layer's `index`-th part: q/k/v for attention, 0, 1, ... otherwise."""
+    return _QKV_SHARDS[index] if hasattr(module, "num_kv_head_replicas") and index < 3 else index
+
+
 def checkpoint_pieces(model: torch.nn.Module, dtype: torch.dtype, names: set[str]) -> Iterator[Piece]:
     """Every weight of this engine rank as (checkpoint name, region of the full tensor, values).
 
     `names` are the trainer's checkpoint names: they decide whether a fused projection is
-    reported split or fused. A parameter the mapping does not understand raises
-    NotImplementedError naming it, so an unsupported layout fails loudly instead of verifying
-    nothing.
+    reported split or fused, and engine names are translated back to them (`vllm_names`). A
+    fused layer the mapping does not understand raises NotImplementedError naming it, and a
+    parameter with no checkpoint name is reported under its vLLM name (the verification calls it
+    unknown to the trainer), so an unsupported layout fails loudly instead of verifying nothing.
     """
     from vllm.model_executor.layers.linear import RowParallelLinear
 
     packed = {**_DEFAULT_PARTS, **dict(getattr(model, "packed_modules_mapping", None) or {})}
-    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    back = vllm_names(model, names)
     params = list(model.named_parameters(remove_duplicate=False))
     reached: dict[int, list[str]] = {}
     for vllm_name, param in params:
@@ -216,7 +259,7 @@ def checkpoint_pieces(model: torch.nn.Module, dtype: torch.dtype, names: set[str
         # reported under each name it knows; an internal second path (Qwen3-MoE's router, also
         # reachable as experts.gate) is not reported again.
         paths = reached[id(param)]
-        known = [n for n in paths if n in names]
+        known = [n for n in paths if n in names or (n, None) in back]
         if len(paths) > 1 and vllm_name not in (known or paths[:1]):
             continue
         module_name, _, attr = vllm_name.rpartition(".")
@@ -235,8 +278,11 @@ def checkpoint_pieces(model: torch.nn.Module, dtype: torch.dtype, names: set[str
         if shard is not None:  # vocabulary-parallel: this rank's rows, padding dropped
             rows = shard.org_vocab_end_index - shard.org_vocab_start_index
             pieces = [(vllm_name, placed((rows, *tensor.shape[1:]), 0, shard.org_vocab_start_index), tensor[:rows])]
-        elif leaf in packed and (len(getattr(module, "output_sizes", ()) or ()) > 1 or hasattr(module, "num_kv_head_replicas")):
-            pieces = _split_fused(module, module_name, attr, tensor, packed[leaf], names)
+        elif (leaf in packed or (vllm_name, 0) in back or (vllm_name, "q") in back) and (
+                len(getattr(module, "output_sizes", ()) or ()) > 1 or hasattr(module, "num_kv_head_replicas")):
+            parts = [back.get((vllm_name, _shard_id(module, i))) for i in range(_num_parts(module))]
+            pieces = _split_fused(module, module_name, attr, tensor, packed.get(leaf, []), names,
+                                  parts if all(parts) else None)
         elif size > 1 and isinstance(module, RowParallelLinear):
             pieces = [(vllm_name, placed(tensor.shape, 1, rank * tensor.shape[1]) if attr == "weight"
                        else full_region(tensor.shape), tensor)]
@@ -248,9 +294,9 @@ def checkpoint_pieces(model: torch.nn.Module, dtype: torch.dtype, names: set[str
         else:
             pieces = [(vllm_name, full_region(tensor.shape), tensor)]
         for hf_name, region, chunk in pieces:
-            if mapper is not None and hf_name not in names and mapper.map_name(hf_name) not in (vllm_name, None):
-                raise NotImplementedError(f"cannot map vLLM weight {vllm_name} back to a checkpoint name (tried {hf_name})")
-            yield hf_name, region, chunk
+            # an engine-side name the trainer does not know: the checkpoint name the loader put there, if any (a
+            # name left unknown is reported by the verification as held by the engine, unknown to the trainer)
+            yield (hf_name if hf_name in names else back.get((hf_name, None), hf_name)), region, chunk
 
 
 # --------------------------------------------------------------------------------- reloading

@@ -72,6 +72,19 @@ def settle(refs: dict[int, list[Any]], deadline: float) -> dict[int, tuple[str, 
     return failed
 
 
+def engine_dtype(workers: Sequence[Any], timeout_s: float | None = None) -> str:
+    """The dtype the rollout engines compute in, as each resolved it where it runs ('auto' is bfloat16 on a
+    GPU node, float32 on a CPU one): the dtype weights travel in. The driver cannot decide it, since it may
+    run on a node without a GPU. Engines that disagree are refused, naming rollout.dtype."""
+    from rayrlhf.errors import InvalidInput
+
+    dtypes = ray.get([w.weight_dtype.remote() for w in workers], timeout=timeout_s)
+    if len(set(dtypes)) > 1:
+        raise InvalidInput(f"the rollout workers compute in different dtypes ({', '.join(dtypes)}, by worker): "
+                           "set rollout.dtype to one of them")
+    return dtypes[0]
+
+
 def broadcast_weights(
     group: Any, workers: Sequence[Any], version: int, bucket_bytes: int, dtype: str | None,
     backend: str = "object_store", timeout_s: float | None = None, retain: bool = False,

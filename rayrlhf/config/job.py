@@ -67,6 +67,9 @@ class JobConfig(Section):
             raise ValueError(f"algorithm.name={algo.name} needs algorithm.group_size >= 2 (got {algo.group_size})")
         if algo.ptx_coef > 0 and self.data.pretrain is None:
             raise ValueError("algorithm.ptx_coef > 0 (PPO-ptx) needs data.pretrain")
+        problem = precision_conflict(self.model.dtype, self.trainer.bf16)
+        if problem:
+            raise ValueError(problem)
         if self.checkpoint.every is None:
             self.checkpoint.__dict__["every"] = max(1, self.schedule.steps // 10)
         if self.reward.url:
@@ -111,6 +114,15 @@ class JobConfig(Section):
                     f"the mini-batch of {mini} samples ({'trainer.mini_batch_size' if self.trainer.mini_batch_size else where}) "
                     f"must split evenly over trainer.{role}.num_ranks = {cfg.num_ranks}"
                 )
+
+
+def precision_conflict(dtype: str, bf16: bool | None) -> str | None:
+    """Why `model.dtype` and `trainer.bf16` cannot train together, or None (see loading.training_precision)."""
+    if bf16 is False and dtype in ("bfloat16", "float16"):
+        return (f"trainer.bf16: false with model.dtype: {dtype} would run AdamW on {dtype} weights with no float32 "
+                "master copy (updates smaller than the weights' precision round away); set trainer.bf16: true (mixed "
+                "precision keeps float32 master weights) or model.dtype: float32")
+    return None
 
 
 _SECRET_QUERY_KEYS = ("token", "key", "secret", "password", "auth", "signature", "sig", "credential")

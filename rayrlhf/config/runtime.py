@@ -88,11 +88,18 @@ class TrainerConfig(Section):
         None, ge=1, description="Samples per optimizer step across all ranks; default: all samples of a step (one update per epoch)."
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    bf16: bool | None = Field(None, description="bfloat16 mixed precision; default: on where the GPU supports it, off on CPU.")
+    bf16: bool | None = Field(
+        None, description="bfloat16 mixed precision (float32 master weights); default: on where the GPU supports it or "
+        "model.dtype is bfloat16, else off and the trainers hold float32 weights. false with bfloat16/float16 weights is refused."
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     offload: Literal["none", "optimizer", "all"] = Field(
         "none", description="ZeRO-Offload to host memory: the optimizer state (ZeRO >= 1), or with 'all' also the "
         "parameters (ZeRO-3); less GPU memory, slower steps (`rayrlhf plan` counts the host memory)."
+    )
+    partitioned_init: bool = Field(
+        True, description="ZeRO-3: each rank builds the model already partitioned and the checkpoint is streamed in "
+        "module by module (a rank's host memory falls with the group size); false: every rank loads it whole first."
     )
     policy: RoleConfig = Field(default_factory=RoleConfig, description="The policy trainer group.")
     critic: RoleConfig = Field(default_factory=lambda: RoleConfig(lr=5e-6), description="The critic trainer group (ppo only).")

@@ -75,6 +75,22 @@ def architecture(name: str) -> Architecture:
         raise ValueError(f"unknown tiny architecture {name!r}; the matrix has {sorted(MATRIX)}") from None
 
 
+def architecture_config(name: str, **overrides: Any) -> Any:
+    """The transformers config of row `name` with the character tokenizer's vocabulary and special ids
+    (what `build_architecture` writes; the planner reads it without building the model)."""
+    from transformers import AutoConfig
+
+    from rayrlhf.models.tiny import build_tokenizer
+
+    arch = architecture(name)
+    tok = build_tokenizer()
+    values = {"vocab_size": len(tok), **BASE_CONFIG, **arch.config, **overrides}  # a larger vocab_size: ids past the
+    return AutoConfig.for_model(  # tokenizer's are never produced by it, but size the embeddings and logits
+        arch.model_type, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, dtype="float32", **values,
+    )
+
+
 def build_architecture(
     name: str, output_dir: str | Path, seed: int = 0, **overrides: Any
 ) -> Path:
@@ -82,19 +98,31 @@ def build_architecture(
 
     `overrides` change the shared shape (e.g. ``hidden_size=128, num_hidden_layers=4``).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    return build_from_config(architecture_config(name, **overrides), output_dir, seed)
+
+
+def build_model_type(model_type: str, output_dir: str | Path, seed: int = 0, **values: Any) -> Path:
+    """Like `build_architecture` for any transformers model type outside the matrix: `values` are its config
+    (sizes in that model type's own key names), the vocabulary and special ids are the character tokenizer's."""
+    from transformers import AutoConfig
 
     from rayrlhf.models.tiny import build_tokenizer
 
-    arch = architecture(name)
+    tok = build_tokenizer()
+    config = AutoConfig.for_model(model_type, **{"vocab_size": len(tok), **values}, pad_token_id=tok.pad_token_id,
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, dtype="float32")
+    return build_from_config(config, output_dir, seed)
+
+
+def build_from_config(config: Any, output_dir: str | Path, seed: int = 0) -> Path:
+    """Write a randomly initialised causal LM of `config` and the character tokenizer to `output_dir`."""
+    from transformers import AutoModelForCausalLM
+
+    from rayrlhf.models.tiny import build_tokenizer
+
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
-    values = {"vocab_size": len(tok), **BASE_CONFIG, **arch.config, **overrides}  # a larger vocab_size: ids past the
-    config = AutoConfig.for_model(  # tokenizer's are never produced by it, but size the embeddings and logits
-        arch.model_type, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, dtype="float32", **values,
-    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id = tok.pad_token_id

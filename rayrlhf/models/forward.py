@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from functools import cache
+from typing import Any
 
 import torch
 
@@ -49,7 +50,7 @@ def pack_batch(
     return {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids, "mask": mask}
 
 
-_LOGIT_ROWS = 2048  # positions per float32 log-sum-exp chunk: bounds the float32 copy of the logits
+_BLOCK_ELEMENTS = 1 << 24  # float32 elements per block of the log-softmax (64 MiB), forward and backward
 
 
 def response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -60,11 +61,17 @@ def response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
     the memory. The model's own final scaling / soft-capping still applies.
     """
     t_len = batch["mask"].shape[1]
+    return _model_logits(model, batch)[:, -t_len - 1 : -1, :]
+
+
+def _model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits [B, L, V] as it returns them; the last T + 1 positions hold the response's."""
+    t_len = batch["mask"].shape[1]
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
               "position_ids": batch["position_ids"], "use_cache": False}
     if _takes_logits_to_keep(type(model)):  # custom (remote) code may predate it: full logits, same slice
         kwargs["logits_to_keep"] = t_len + 1
-    return model(**kwargs).logits[:, -t_len - 1 : -1, :]
+    return model(**kwargs).logits
 
 
 @cache
@@ -72,34 +79,86 @@ def _takes_logits_to_keep(model_class: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
+def block_positions(vocab: int) -> int:
+    """Positions per float32 block: _BLOCK_ELEMENTS over the vocabulary (524 at 32k, 110 at 152k)."""
+    return max(1, _BLOCK_ELEMENTS // vocab)
+
+
+def _chunks(rows: int, t_len: int, positions: int) -> list[tuple[slice, slice]]:
+    """(rows, response columns) blocks of at most `positions` positions covering a [rows, t_len] grid."""
+    if t_len <= positions:
+        step = positions // t_len
+        return [(slice(r, min(r + step, rows)), slice(0, t_len)) for r in range(0, rows, step)]
+    return [(slice(r, r + 1), slice(c, min(c + positions, t_len))) for r in range(rows) for c in range(0, t_len, positions)]
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """log p(y_t) = x[y_t] - logsumexp(x) with x = logits / T in float32, one block of positions at a time.
+
+    A block holds at most _BLOCK_ELEMENTS float32 values, whatever the vocabulary. Forward keeps only the
+    logits the model produced (its own dtype, no copy) and the float32 log-sum-exp per position; backward
+    recomputes each block's softmax from them: d log p / d logit = (onehot - softmax) / T.
+    So no float32 [B, T, V] tensor is ever held (autograd on the plain formula keeps every float32 block for
+    backward: 3x the bf16 logits), and the gradient is written block by block into one buffer in the logits'
+    dtype. The operations are the plain formula's, in its order: gradients equal autograd's.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+                with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, t_len = targets.shape
+        offset = logits.shape[1] - t_len - 1  # response position t is predicted at column offset + t
+        logp = torch.empty(rows, t_len, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(logp)
+        entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
+        for rs, cs in _chunks(rows, t_len, block_positions(logits.shape[-1])):
+            x = logits[rs, offset + cs.start : offset + cs.stop].float()
+            if temperature != 1.0:
+                x = x / temperature
+            block_lse = torch.logsumexp(x, dim=-1)
+            lse[rs, cs] = block_lse
+            logp[rs, cs] = x.gather(-1, targets[rs, cs, None]).squeeze(-1) - block_lse
+            if with_entropy:
+                probs = torch.exp(x - block_lse[..., None])
+                entropy[rs, cs] = block_lse - (probs * x).sum(-1)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_logp: torch.Tensor, _grad_entropy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        logits, targets, lse = ctx.saved_tensors
+        temperature = ctx.temperature
+        rows, t_len = targets.shape
+        offset = logits.shape[1] - t_len - 1
+        grad = torch.zeros_like(logits)  # positions that predict no response token get none
+        for rs, cs in _chunks(rows, t_len, block_positions(logits.shape[-1])):
+            x = logits[rs, offset + cs.start : offset + cs.stop].float()
+            if temperature != 1.0:
+                x = x / temperature
+            g_out = grad_logp[rs, cs, None]
+            g = -(g_out * torch.exp(x - lse[rs, cs, None]))  # the log-sum-exp's share: -grad * softmax
+            g.scatter_add_(-1, targets[rs, cs, None], g_out)  # the target logit's: +grad
+            if temperature != 1.0:
+                g = g / temperature
+            grad[rs, offset + cs.start : offset + cs.stop] = g
+        return grad, None, None, None
+
+
 def token_logprobs(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs [B, T] of the response tokens under log_softmax(logits / T) (0 on padding),
-    and the entropy [B, T] when asked (a statistic: computed without autograd).
+    and the entropy [B, T] when asked (a statistic: no gradient flows through it).
 
-    log p(y) = logit(y) - logsumexp(logits), in float32, a chunk of positions at a time, so no
-    full float32 [B, T, V] log-softmax is ever materialised.
+    log p(y) = logit(y) - logsumexp(logits), in float32, a block of positions at a time, with the
+    blocks recomputed in backward (`_ChunkedLogprobs`): neither pass holds a float32 [B, T, V] tensor.
     """
-    logits = response_logits(model, batch)
     t_len = batch["mask"].shape[1]
     targets = batch["input_ids"][:, -t_len:]
-    flat = logits.reshape(-1, logits.shape[-1])
-    flat_targets = targets.reshape(-1)
-    logp_parts, entropy_parts = [], []
-    for start in range(0, flat.shape[0], _LOGIT_ROWS):
-        chunk = flat[start : start + _LOGIT_ROWS].float()
-        if temperature != 1.0:
-            chunk = chunk / temperature
-        lse = torch.logsumexp(chunk, dim=-1)
-        logp_parts.append(chunk.gather(-1, flat_targets[start : start + _LOGIT_ROWS, None]).squeeze(-1) - lse)
-        if with_entropy:
-            with torch.no_grad():
-                probs = torch.exp(chunk - lse[:, None])
-                entropy_parts.append(lse - (probs * chunk).sum(-1))
-    logp = torch.cat(logp_parts).reshape(targets.shape) * batch["mask"]
-    entropy = torch.cat(entropy_parts).reshape(targets.shape) * batch["mask"] if with_entropy else None
-    return logp, entropy
+    logp, entropy = _ChunkedLogprobs.apply(_model_logits(model, batch), targets, float(temperature), with_entropy)
+    return logp * batch["mask"], (entropy * batch["mask"] if with_entropy else None)
 
 
 def _score_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:

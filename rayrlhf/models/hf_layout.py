@@ -82,11 +82,21 @@ def checkpoint_state(model: torch.nn.Module, aliases: bool = False) -> Iterator[
             yield alias, seen[canonical]
 
 
-def converts_layout(model: torch.nn.Module) -> bool:
-    """Whether the model's in-memory weights differ from its checkpoint format (names or shapes)."""
+def checkpoint_renames(model: torch.nn.Module) -> dict[str, str] | None:
+    """{checkpoint name: in-memory name} of every weight when the checkpoint format differs from the model's
+    memory by names only (GPT-NeoX keeps `embed_out` as `lm_head`); None when a conversion merges, splits or
+    reshapes tensors (fused experts), so a checkpoint tensor cannot be copied into one in-memory tensor.
+
+    A renaming passes each tensor through as the same object, a real conversion makes new ones: that is
+    what tells them apart (works on a meta-device model, with no weights).
+    """
+    renames: dict[str, str] = {}
     for entry in module_weights(model):
-        own = {entry.prefix + n: t for n, t in entry.params}
+        own = {entry.prefix + n: t for n, t in entry.params + entry.buffers}
         converted = checkpoint_format(model, own)
-        if set(converted) != set(own) or any(converted[k].shape != own[k].shape for k in own):
-            return True
-    return False
+        origin = {id(t): name for name, t in own.items()}
+        if len(converted) != len(own) or any(id(t) not in origin for t in converted.values()):
+            return None
+        renames.update({name: origin[id(t)] for name, t in converted.items()})
+    return renames
+

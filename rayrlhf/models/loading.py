@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -18,6 +19,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from rayrlhf.config.job import precision_conflict
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,24 @@ def resolve_dtype(name: str) -> torch.dtype:
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def training_precision(dtype: str, bf16: bool | None) -> tuple[bool, str]:
+    """(bf16 mixed precision on, the dtype a trainer loads its weights in) for `model.dtype` and `trainer.bf16`.
+
+    AdamW must step float32 weights: without mixed precision there is no float32 master copy, and an
+    update smaller than a bfloat16 weight's spacing (lr 1e-6 on a weight of 1: 2^-8) rounds away. So
+    `bf16: null` turns mixed precision on where the GPU supports it and wherever the weights resolve to
+    bfloat16 (DeepSpeed then keeps float32 masters), and with it off the trainer loads float32 whatever
+    `model.dtype` says for the engines ('auto', float16). An explicit `bf16: false` with half-precision
+    weights is refused (`config.job.precision_conflict`).
+    """
+    problem = precision_conflict(dtype, bf16)
+    if problem:
+        raise ValueError(problem)
+    if bf16 is None:
+        bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) or resolve_dtype(dtype) == torch.bfloat16
+    return (True, dtype) if bf16 else (False, "float32")
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -98,11 +119,19 @@ def load_reward_model(
     path: str | Path, dtype: str = "auto", trust_remote_code: bool = False, no_dropout: bool = True
 ) -> PreTrainedModel:
     """A sequence classifier with one label: the score read at the last non-padding token."""
+    auto_class, config = role_config("reward", path, trust_remote_code)
+    model = auto_class.from_pretrained(str(path), config=config, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
+    return disable_dropout(model) if no_dropout else model
+
+
+def role_config(role: str, path: str | Path, trust_remote_code: bool = False) -> tuple[type, Any]:
+    """(transformers auto class, config) a role's model is built from: a causal LM for the policy and the
+    reference; a one-label sequence classifier, with a pad token to find each row's last token, for the critic
+    and the reward model."""
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if role in ("policy", "reference"):
+        return AutoModelForCausalLM, config
     config.num_labels = 1
     if config.pad_token_id is None:
         config.pad_token_id = _pad_id(path, trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(path), config=config, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
-    )
-    return disable_dropout(model) if no_dropout else model
+    return AutoModelForSequenceClassification, config

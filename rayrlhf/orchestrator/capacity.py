@@ -37,7 +37,7 @@ GiB = 1024**3
 REDUCE_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size / allreduce bucket default, elements
 MAX_LIVE_PARAMETERS = 1_000_000_000  # ZeRO-3's stage3_max_live_parameters / max_reuse_distance defaults, elements
 SUB_GROUP = 1_000_000_000  # ZeRO-3's sub_group_size default: elements of fp32 partition stepped at once
-LOGPROB_CHUNK = 2048  # models/forward.py's _LOGIT_ROWS: positions per float32 log-sum-exp chunk
+LOGPROB_BLOCK = 1 << 24  # models/forward.py's _BLOCK_ELEMENTS: float32 elements per log-softmax block
 CUDA_CONTEXT = GiB  # per GPU process: CUDA context, cuBLAS workspace, NCCL buffers (outside torch's count)
 CUDA_GRAPHS = GiB // 2  # vLLM's captured CUDA graphs (rollout.enforce_eager false)
 VLLM_BATCHED_TOKENS = 8192  # tokens of vLLM's profiling forward (max_num_batched_tokens default)
@@ -219,17 +219,15 @@ def mask_bytes(rows: int, width: int, d: int) -> int:
 def logits_bytes(s: ModelShape, rows: int, response: int, d: int, training: bool) -> int:
     """The policy's logits for `response` positions per row and `token_logprobs`' float32 work.
 
-    Training: autograd keeps every chunk's float32 copy (4 bytes/elt) and the start of backward adds the
-    gradient buffer and one chunk's scattered gradient in the model dtype: (4 + 2d)·rows·T·V, plus three
-    float32 [2048, V] chunk temporaries. Forward only: the logits, their flattened copy and the chunk
-    temporaries. Soft-capping keeps one more logits-sized tensor.
+    The model's logits over the last T + 1 positions stay in the model dtype; the float32 log-softmax is
+    done in blocks of at most LOGPROB_BLOCK values and, in training, recomputed in backward
+    (`forward._ChunkedLogprobs`): backward adds the gradient buffer of the logits' size in the model dtype.
+    Both passes add three float32 [block, V] temporaries. Soft-capping keeps one more logits-sized tensor.
     """
-    elems = rows * response * s.vocab
-    chunk = 3 * min(rows * response, LOGPROB_CHUNK) * s.vocab * 4
-    capped = rows * (response + 1) * s.vocab * d if s.softcap else 0
-    if training:
-        return (4 + 2 * d) * elems + chunk + capped
-    return d * rows * (response + 1) * s.vocab + (d * elems if rows > 1 else 0) + chunk + capped
+    logits = d * rows * (response + 1) * s.vocab
+    chunk = 3 * min(rows * response, max(1, LOGPROB_BLOCK // s.vocab)) * s.vocab * 4
+    capped = logits if s.softcap else 0
+    return (2 * logits if training else logits) + chunk + capped
 
 
 # ---------------------------------------------------------------- estimates

@@ -12,9 +12,9 @@ layout differs from its checkpoint (mixture-of-experts models).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rayrlhf.config import ConfigError, JobConfig
 from rayrlhf.models.tiny import TINY_PREFIX
@@ -68,18 +68,48 @@ def _gpu(num_gpus: float) -> bool:
     return num_gpus > 0
 
 
-def _model_type(name: str | None) -> str | None:
-    """The transformers model type of a local model or a `tiny:` row; None for a hub id (unknown offline)."""
-    if name is None:
-        return None
+def _policy_config(name: str) -> Any:
+    """The transformers config of a local model or a `tiny:` row; None where it cannot be read here (a hub id,
+    offline) or names custom modelling code (`auto_map`: its layout is not known without running that code)."""
     if name == "tiny" or name.startswith(TINY_PREFIX):
-        from rayrlhf.models.architectures import architecture
+        from rayrlhf.models.architectures import architecture_config
 
-        return architecture(name.removeprefix(TINY_PREFIX) if name != "tiny" else "llama").model_type
-    config = Path(name) / "config.json"
-    if config.is_file():
-        return json.loads(config.read_text()).get("model_type")
-    return None
+        return architecture_config(name.removeprefix(TINY_PREFIX) if name != "tiny" else "llama")
+    if not (Path(name) / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception:  # noqa: BLE001 - unreadable here: preflight names model.policy with the reason
+        return None
+    return None if getattr(config, "auto_map", None) else config
+
+
+def hf_engine_can_update(name: str) -> bool | None:
+    """Whether the transformers engine can take weight updates for policy `name`: its in-memory weights are
+    its checkpoint's up to names (`hf_layout.checkpoint_renames`, the engine's own test, here on a model built
+    on the meta device from config.json, with no weights); None when that cannot be known before it loads."""
+    config = _policy_config(name)
+    if config is None:
+        return None
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rayrlhf.models.hf_layout import checkpoint_renames
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - a model transformers cannot build here: the engine will say why
+        return None
+    return checkpoint_renames(model) is not None
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
 
 
 HF_BACKEND_MAX_BYTES = 1024**3  # rollout.backend auto: transformers generate below this on CPU
@@ -88,34 +118,29 @@ HF_BACKEND_MAX_BYTES = 1024**3  # rollout.backend auto: transformers generate be
 def resolve_backend(cfg: JobConfig) -> str:
     """rollout.backend with `auto` decided: vLLM on GPUs, with tensor parallelism, for a hub model (its size is
     unknown here) or one of 1 GB and more, and for layouts the transformers engine cannot update; transformers
-    generate for a smaller local model on CPU, where its lower per-step overhead wins (measured: README)."""
+    generate for a smaller local model on CPU, where its lower per-step overhead wins (measured: README).
+    Without vLLM installed, auto is transformers generate (`plan_actors` refuses what it cannot take)."""
     r = cfg.rollout
     if r.backend != "auto":
         return r.backend
-    import importlib.util
-
     from rayrlhf.actors.resources import checkpoint_bytes
 
     policy = cfg.model.policy
     small = policy == "tiny" or policy.startswith(TINY_PREFIX) or (checkpoint_bytes(policy) or HF_BACKEND_MAX_BYTES) < HF_BACKEND_MAX_BYTES
-    if (_gpu(r.num_gpus) or r.tensor_parallel_size > 1 or not small or _converts_layout(_model_type(policy))) \
-            and importlib.util.find_spec("vllm") is not None:
+    wants_vllm = _gpu(r.num_gpus) or r.tensor_parallel_size > 1 or not small
+    if (wants_vllm or hf_engine_can_update(policy) is False) and vllm_available():
         return "vllm"
     return "hf"
 
 
-def _converts_layout(model_type: str | None) -> bool:
-    """Whether transformers keeps this model type's weights in another layout than its checkpoint."""
-    if model_type is None:
-        return False
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-
-    return bool(get_checkpoint_conversion_mapping(model_type))
-
-
 def _trainer_path(cfg: JobConfig, role: str, gpu: bool, ranks: int) -> str:
     t = cfg.trainer
-    precision = ("bf16" if t.bf16 else "fp32") if t.bf16 is not None else ("bf16 where supported" if gpu else "fp32")
+    if t.bf16 is not None:
+        precision = "bf16" if t.bf16 else "fp32"
+    elif cfg.model.dtype == "bfloat16":
+        precision = "bf16"
+    else:
+        precision = "bf16 where supported" if gpu else "fp32"
     return (f"DeepSpeed ZeRO-{t.stage_for(ranks)}, {'nccl' if gpu else 'gloo'}, {precision}"
             + (", gradient checkpointing" if t.gradient_checkpointing else "")
             + (f", offload {t.offload} to host memory" if t.offload != "none" else ""))
@@ -131,9 +156,14 @@ def plan_actors(cfg: JobConfig) -> ActorPlan:
         if tp > 1:
             problems.append(f"rollout.tensor_parallel_size = {tp} needs rollout.backend: vllm "
                             "(the hf backend generates on one device)")
-        if _converts_layout(_model_type(cfg.model.policy)):
-            problems.append(f"rollout.backend: hf cannot take weight updates for model.policy {cfg.model.policy} "
-                            "(its in-memory layout differs from its checkpoint, e.g. fused experts); use vllm")
+        if hf_engine_can_update(cfg.model.policy) is False:
+            why = (f"cannot take weight updates for model.policy {cfg.model.policy} (its in-memory layout differs "
+                   "from its checkpoint beyond names, e.g. fused experts)")
+            if r.backend == "auto":  # auto would have picked vLLM: it is not installed
+                problems.append(f"rollout.backend: auto finds no engine for model.policy: hf (transformers generate) "
+                                f"{why}, and vLLM is not installed (install the [cpu] or [gpu] extra)")
+            else:
+                problems.append(f"rollout.backend: hf {why}; use rollout.backend: vllm")
         engine = f"transformers generate on {'cuda' if rollout_gpu else 'cpu'}"
         verify = "whole-tensor checksums"
     else:

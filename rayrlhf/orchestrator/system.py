@@ -17,12 +17,17 @@ from rayrlhf.actors.rollout import create_rollout_workers
 from rayrlhf.actors.scorers import RemoteReferenceServer, RemoteRewardServer
 from rayrlhf.actors.trainer_group import TrainerGroup
 from rayrlhf.actors.types import Completion
-from rayrlhf.actors.weight_sync import SyncResult, broadcast_weights, push_buckets, verify_weights
+from rayrlhf.actors.weight_sync import (
+    SyncResult,
+    broadcast_weights,
+    engine_dtype,
+    push_buckets,
+    verify_weights,
+)
 from rayrlhf.actors.weights import bucket_checksums
 from rayrlhf.config import JobConfig
 from rayrlhf.errors import WorkersLost
 from rayrlhf.models.forward import pack_batch
-from rayrlhf.models.loading import resolve_dtype
 from rayrlhf.orchestrator.faults import FaultCounters, FaultPolicy, Restartable, ServerCaller
 from rayrlhf.orchestrator.preflight import Checked
 from rayrlhf.orchestrator.workers import WorkerPool
@@ -88,8 +93,9 @@ class System:
         self.policy_path = checked.policy
         self.tokenizer = checked.tokenizer
         self.recompute_old_logp = old_logprobs_mode(cfg) == "recompute"
-        # Weights travel in the engine's dtype; checksums compare the same bytes on both sides.
-        self.sync_dtype = str(resolve_dtype(cfg.rollout.dtype if cfg.rollout.dtype != "auto" else cfg.model.dtype)).removeprefix("torch.")
+        # Weights travel in the engines' dtype, as the engines resolved it on their nodes (`_start` asks them);
+        # checksums compare the same bytes on both sides.
+        self.sync_dtype: str | None = None
         self.optimizer_steps = steps = (
             cfg.schedule.steps * cfg.algorithm.ppo_epochs * (cfg.samples_per_step // (cfg.trainer.mini_batch_size or cfg.samples_per_step))
         )
@@ -151,6 +157,7 @@ class System:
         self._start_trainers()
         ray.get([r.ready.remote() for r in self.servers])
         ray.get([w.ready.remote() for w in self.rollout_workers])
+        self.sync_dtype = engine_dtype(self.rollout_workers, cfg.faults.sync_timeout_s)
         self.callers = {name: ServerCaller(Restartable(name, actor, self.fault_policy))
                         for name, actor in self._server_names().items()}
         self.pool = WorkerPool(self.rollout_workers, self.fault_policy)
