@@ -147,8 +147,10 @@ def adapter_name(layer: str, part: str) -> str:
 
 
 def strip_adapter_name(name: str) -> str:
-    """An in-memory adapter parameter name without peft's adapter component (`.default`)."""
-    return re.sub(rf"\.(lora_A|lora_B|modules_to_save)\.{ADAPTER}\.", r".\1.", name)
+    """An in-memory adapter parameter name as peft's files write it: `q_proj.lora_A.default.weight` is
+    `q_proj.lora_A.weight`, a module trained whole (`score.modules_to_save.default.weight`) is `score.weight`."""
+    name = name.replace(f".modules_to_save.{ADAPTER}.", ".")
+    return re.sub(rf"\.(lora_A|lora_B)\.{ADAPTER}\.", r".\1.", name)
 
 
 @dataclass

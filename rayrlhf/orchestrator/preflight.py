@@ -21,7 +21,7 @@ from rayrlhf.data.datasets import PromptDataset, load_prompts, load_rows, reward
 from rayrlhf.errors import InvalidInput
 from rayrlhf.models.loading import load_tokenizer, same_tokenizer
 from rayrlhf.models.tiny import resolve_model_path
-from rayrlhf.orchestrator.plan import ActorPlan, check_plan, resolve_backend
+from rayrlhf.orchestrator.plan import ActorPlan, check_plan, resolve_backend, resolve_lora_sync
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,18 @@ def _model(cfg: JobConfig, key: str, name: str, cache: Path) -> str:
     return path
 
 
+def check_lora_targets(cfg: JobConfig, path: str, role: str = "policy") -> None:
+    """Every name in model.lora.target_modules is a linear layer of the model (checked on its meta-device copy)."""
+    from rayrlhf.models.lora import meta_model, target_module_names
+
+    lora = cfg.model.lora
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
+    try:
+        target_module_names(meta_model(path, cfg.model.trust_remote_code, role), targets)
+    except ValueError as exc:
+        raise InvalidInput(f"{exc} (model {path})") from None
+
+
 def preflight(cfg: JobConfig) -> Checked:
     """Run every check, in the order a user would fix them; raises InvalidInput naming what is wrong."""
     from rayrlhf.rewards.functions import check_reward_function
@@ -60,6 +72,9 @@ def preflight(cfg: JobConfig) -> Checked:
     cfg.rollout.backend = resolve_backend(cfg)  # `auto` decided once: config.yaml, the workers and metrics show it
     cache = Path(cfg.output_dir) / ".models"
     policy = _model(cfg, "model.policy", cfg.model.policy, cache)
+    if cfg.model.lora is not None:
+        cfg.model.lora.sync = resolve_lora_sync(cfg, cfg.rollout.backend)[0]  # like the backend: decided once
+        check_lora_targets(cfg, policy)
     try:
         tokenizer = load_tokenizer(policy, cfg.model.trust_remote_code)
     except Exception as exc:  # noqa: BLE001
