@@ -75,6 +75,7 @@ def _save(model: Any, dest: Path, base: str, trust: bool) -> None:
     from rayrlhf.models.loading import load_tokenizer
 
     model.save_pretrained(str(dest))
+    (dest / "README.md").unlink(missing_ok=True)  # peft's blank model card
     load_tokenizer(base, trust).save_pretrained(str(dest))
 
 

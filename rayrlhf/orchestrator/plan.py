@@ -8,6 +8,11 @@ tensor parallelism on the transformers backend, ranks of one NCCL group sharing 
 engine reserving fewer GPUs than its tensor-parallel size, a collective weight sync between a
 GPU trainer and CPU engines, or weight updates into a transformers engine whose in-memory
 layout differs from its checkpoint (mixture-of-experts models).
+
+With `model.lora` the plan says how the adapter runs: the policy group trains only the adapter and
+is also the reference policy (the adapter switched off, in its own process: no reference actor and
+no second copy of the weights), and the weight sync sends the adapter alone into vLLM's LoRA slots
+or, for engines that cannot serve it, the weights with the adapter merged in (`model.lora.sync`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rayrlhf.config import ConfigError, JobConfig
+from rayrlhf.models.lora import vllm_max_lora_rank
 from rayrlhf.models.tiny import TINY_PREFIX
 
 
@@ -175,6 +181,9 @@ def plan_actors(cfg: JobConfig) -> ActorPlan:
     tp = r.tensor_parallel_size
     rollout_gpu = _gpu(r.num_gpus)
     backend = resolve_backend(cfg)
+    lora_sync, lora_problem = resolve_lora_sync(cfg, backend)
+    if lora_problem:
+        problems.append(lora_problem)
     if backend == "hf":
         if tp > 1:
             problems.append(f"rollout.tensor_parallel_size = {tp} needs rollout.backend: vllm "
@@ -192,6 +201,9 @@ def plan_actors(cfg: JobConfig) -> ActorPlan:
         engine = f"vLLM on {device}" + (f", tensor parallel {tp} (one process per rank)" if tp > 1 else "")
         verify = (f"per-shard checksums over {tp} ranks" if tp > 1 else "whole-tensor checksums") + (
             "" if rollout_gpu else ", CPU kernels read back")
+        if lora_sync == "adapter":
+            engine += f", serving the LoRA adapter (vLLM LoRA, max rank {vllm_max_lora_rank(cfg.model.lora.rank)})"
+            verify = "the adapter read back from vLLM's LoRA layers, and a log-prob probe"
     where = f"; placed {r.placement}" + (f" on {dict(r.resources)}" if r.resources else "")
     actors = [ActorSpec(f"rollout-{i}", "rollout", r.num_cpus, r.num_gpus, f"{engine}; {verify}{where}")
               for i in range(r.num_workers)]
@@ -231,9 +243,6 @@ def plan_actors(cfg: JobConfig) -> ActorPlan:
         sync = f"collective: {'nccl' if policy_gpu else 'gloo'} broadcast from policy rank 0"
     else:
         sync = "object_store: buckets stored once in Ray's object store, read by every worker"
-    lora_sync, lora_problem = resolve_lora_sync(cfg, backend)
-    if lora_problem:
-        problems.append(lora_problem)
     if lora_sync == "adapter":
         sync += (f"; LoRA adapter only (rank {cfg.model.lora.rank}) into vLLM's LoRA slots, a new adapter per version, "
                  "verified by reading it back and by engine/trainer log-probs on a probe")
