@@ -172,13 +172,37 @@ def test_sft_with_lora_and_export_of_checkpoints(ray_local: None, tmp_path: Path
 
 
 def test_dpo_with_lora_takes_the_reference_from_the_adapter_switched_off(ray_local: None, tmp_path: Path) -> None:
-    rows = _offline("dpo.yaml", tmp_path / "dpo", "schedule.steps=15", "schedule.eval_every=15", "checkpoint.every=0",
-                    "model.lora.rank=8", "trainer.policy.lr=1e-2", "trainer.mini_batch_size=32")
+    """The implicit rewards β·log(π/π_ref) the job reports are those of the trained adapter against the plain base
+    model: the reference is the policy with its adapter off, not a second model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rayrlhf.algorithms import sequence_logprob
+    from rayrlhf.data.examples import load_examples
+    from rayrlhf.models.loading import load_tokenizer
+
+    out = tmp_path / "dpo"
+    rows = _offline("dpo.yaml", out, "schedule.steps=15", "schedule.eval_every=15", "checkpoint.every=0",
+                    "model.lora.rank=8", "trainer.policy.lr=1e-2", "trainer.mini_batch_size=32",
+                    "trainer.policy.warmup_steps=0")
     evals = [r for r in rows if "eval/accuracy" in r]
     assert abs(evals[0]["eval/margin"]) < 1e-6  # step 0: the policy is the reference (its adapter is the identity)
     assert rows[1]["train/loss"] == pytest.approx(0.6931, abs=1e-3)  # the first update starts at log 2
-    assert evals[-1]["eval/margin"] > 0.05 and evals[-1]["eval/accuracy"] > evals[0]["eval/accuracy"]
-    assert (tmp_path / "dpo/final/adapter_config.json").is_file()
+    assert evals[-1]["eval/margin"] > 0 and evals[-1]["eval/accuracy"] > evals[0]["eval/accuracy"]
+
+    cfg = load_config(out / "config.yaml")
+    base_path = out / ".models" / "tiny-model"
+    tok = load_tokenizer(base_path)
+    pairs, _ = load_examples(cfg.data.eval, "pairs", tok, cfg.data)
+    batch = pack_batch([e.prompt_ids for e in pairs], [e.responses[0] for e in pairs], tok.pad_token_id)
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
+        ref = sequence_logprob(token_logprobs(base, batch)[0], batch["mask"])
+        policy = PeftModel.from_pretrained(base, out / "final").eval()
+        logp = sequence_logprob(token_logprobs(policy, batch)[0], batch["mask"])
+    chosen_reward = float((cfg.algorithm.beta * (logp - ref)).mean())
+    assert chosen_reward == pytest.approx(evals[-1]["eval/chosen_reward"], abs=1e-5)
+    assert abs(chosen_reward) > 1e-3
 
 
 def test_reward_model_with_lora_trains_its_head_and_merges_into_a_classifier(ray_local: None, tmp_path: Path) -> None:
