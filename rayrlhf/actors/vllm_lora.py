@@ -20,9 +20,31 @@ import torch
 from rayrlhf.actors.weights import Bucket, Region, full_region, tensor_checksum
 
 
+def _held(module: Any, part: str, slices: int, shapes: list[tuple[int, int] | None]) -> list[Region | None]:
+    """The region of each slice's full lora_A / lora_B this tensor-parallel rank holds: the layer's own slicing
+    (`slice_lora_a` / `slice_lora_b`, what `set_lora` applies) run on tensors of element indices."""
+    if getattr(module, "tp_size", 1) == 1:
+        return [None if s is None else full_region(s) for s in shapes]
+    probes = [None if s is None else torch.arange(s[0] * s[1], dtype=torch.float64).reshape(s) for s in shapes]
+    cut = getattr(module, f"slice_lora_{part}")
+    sliced = cut(probes) if slices > 1 else [cut(probes[0])]
+    regions: list[Region | None] = []
+    for shape, piece in zip(shapes, sliced, strict=True):
+        if shape is None or piece is None:
+            regions.append(None)
+            continue
+        rows, cols = (piece // shape[1]).long(), (piece % shape[1]).long()
+        r0, c0 = int(rows.min()), int(cols.min())
+        region = ((r0, r0 + piece.shape[0]), (c0, c0 + piece.shape[1]))
+        expected = torch.arange(r0, r0 + piece.shape[0])[:, None] * shape[1] + torch.arange(c0, c0 + piece.shape[1])
+        regions.append(region if torch.equal(piece.long(), expected) else None)  # not one block: not comparable
+    return regions
+
+
 def rpc_lora_checksums(worker: Any, lora_id: int, shapes: dict[str, tuple[int, ...]]) -> dict[tuple[str, Region], str]:
-    """{(adapter file name, region): checksum} of adapter `lora_id` as its vLLM LoRA layers compute with it: read back
-    from the layers' stacked A/B buffers (its slot, the rank and width it was given), one piece per packed slice."""
+    """{(adapter file name, region): checksum} of adapter `lora_id` as this rank's vLLM LoRA layers compute with it:
+    read back from the layers' stacked A/B buffers (its slot, one piece per packed slice), each piece named by the
+    region of the full tensor it is (a tensor-parallel rank holds a slice of lora_B or of lora_A)."""
     from rayrlhf.models.lora import adapter_name
 
     manager = worker.model_runner.lora_manager._adapter_manager
@@ -35,16 +57,19 @@ def rpc_lora_checksums(worker: Any, lora_id: int, shapes: dict[str, tuple[int, .
             continue
         parent, _, short = module_name.rpartition(".")
         children = manager.packed_modules_mapping.get(short, [short])
-        if len(children) != len(module.lora_a_stacked):
+        slices = len(module.lora_a_stacked)
+        if len(children) != slices:
             children = [short]
-        for child, a, b in zip(children, module.lora_a_stacked, module.lora_b_stacked):
-            layer = f"{parent}.{child}" if parent else child
-            for name, buffer in ((adapter_name(layer, "lora_A"), a), (adapter_name(layer, "lora_B"), b)):
-                if name in shapes:
-                    rows, cols = shapes[name]
-                    out[(name, full_region((rows, cols)))] = tensor_checksum(buffer[slot, 0, :rows, :cols])
+        layers = [f"{parent}.{child}" if parent else child for child in children]
+        for part, stacked in (("a", module.lora_a_stacked), ("b", module.lora_b_stacked)):
+            names = [adapter_name(layer, f"lora_{part.upper()}") for layer in layers]
+            full = [tuple(shapes[n]) if n in shapes else None for n in names]
+            for name, region, buffer in zip(names, _held(module, part, slices, full), stacked, strict=False):
+                if region is None:
+                    continue
+                rows, cols = (b - a for a, b in region)
+                out[(name, region)] = tensor_checksum(buffer[slot, 0, :rows, :cols])
     return out
-
 
 
 class LoraSlot:
