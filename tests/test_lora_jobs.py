@@ -5,7 +5,9 @@
   a checkpoint holds the adapter and its optimizer state only; final/ is a peft adapter; `rayrlhf export
   --merge` writes a model that loads in transformers and vLLM with the trainer's log-probs, and a
   checkpoint exports to the same weights as final/;
-- resume is exact: 4 steps straight equal 2, stop, --resume, 2 more (2 ranks, ZeRO-3);
+- resume is exact: 4 steps straight equal 2, stop, --resume, 2 more (2 ranks, ZeRO-3; the adapter broadcast
+  over the gloo weight group);
+- an adapter sync into a tensor-parallel engine is verified piece by piece, and a corrupted tensor is named;
 - SFT (and export --step of a full fine-tune), DPO (reference = the adapter switched off) and a
   reward model (its new score head trains whole beside the adapter) with LoRA.
 """
@@ -128,7 +130,7 @@ def test_grpo_with_lora_syncs_the_adapter_verified_and_exports(ray_local: None, 
 
 def test_lora_resume_reproduces_the_run(ray_local: None, tmp_path: Path) -> None:
     common = ("trainer.policy.num_ranks=2", "trainer.zero_stage=3", "trainer.micro_batch_size=4", "checkpoint.every=2",
-              "algorithm.group_size=4", "trainer.policy.lr=3e-2")
+              "algorithm.group_size=4", "trainer.policy.lr=3e-2", "servers.weight_sync_backend=collective")
     straight = _online(tmp_path, "straight", "schedule.steps=4", *common)
     _online(tmp_path, "resumed", "schedule.steps=2", *common)
     assert (tmp_path / "resumed/checkpoints/latest").read_text().strip() == "step_2"
@@ -228,3 +230,67 @@ def test_reward_model_with_lora_trains_its_head_and_merges_into_a_classifier(ray
                                                     tok.pad_token_id)) for i in (0, 1)]
     accuracy = float((scores[0] > scores[1]).float().mean())
     assert accuracy == pytest.approx(evals[-1]["eval/accuracy"], abs=1e-9)  # the merged model is the trained one
+
+
+# ------------------------------------------------------------------------------------------- actors
+
+
+def test_adapter_sync_into_a_tensor_parallel_engine_is_verified_piece_by_piece(ray_local: None, tmp_path: Path) -> None:
+    """Mistral (one k/v head, replicated over 2 ranks) into a tensor-parallel-2 vLLM worker: each rank's adapter
+    pieces are read back by region and compared; a stale engine fails both the tensors and the probe; a corrupted
+    tensor is named."""
+    from rayrlhf.actors.rollout import create_rollout_workers
+    from rayrlhf.actors.trainer import TrainerSettings
+    from rayrlhf.actors.trainer_group import TrainerGroup
+    from rayrlhf.actors.weight_sync import WeightSyncError, broadcast_weights, verify_weights
+    from rayrlhf.config import LoraConfig, ModelConfig, RolloutConfig
+    from rayrlhf.models.architectures import build_architecture
+    from rayrlhf.models.lora import lora_spec
+    from rayrlhf.orchestrator.lora_sync import verify_adapter_logprobs
+
+    path = build_architecture("mistral", tmp_path / "mistral")
+    lora = LoraConfig(rank=8, sync="adapter")
+    settings = TrainerSettings(zero_stage=3, micro_batch_size=4, lr=1e-2, dtype="float32", lora=lora_spec(lora))
+    group = TrainerGroup("policy", str(path), settings, num_ranks=1, num_cpus=0.5, name_prefix="lora-tp")
+    rollout = RolloutConfig(backend="vllm", num_workers=1, num_cpus=0.5, dtype="float32", tensor_parallel_size=2)
+    [worker] = create_rollout_workers(path, rollout, ModelConfig(dtype="float32", lora=lora), seed=0,
+                                      max_prompt_tokens=32, name_prefix="lora-tp-rollout")
+    try:
+        batch = pack_batch([[5, 6, 7, 8], [9, 10, 11, 12]], [[20, 21, 22, 23]] * 2, 0)
+        ids = [5, 6, 7, 8, 20, 21, 22, 23, 24, 25]
+        meta, aliases = group.weight_layout("float32")
+        assert aliases == {} and all(".lora_A." in n or ".lora_B." in n for n, _, _ in meta)
+        for _ in range(2):
+            group.train_step(batch, "sft", {})
+        result = broadcast_weights(group, [worker], 1, 1 << 20, "float32")
+        assert result.synced == [0]
+        pieces = ray.get(worker.checksums.remote([n for n, _, _ in meta]))
+        held: dict[str, int] = {}
+        for name, _ in pieces:
+            held[name] = held.get(name, 0) + 1
+        assert set(held) == {n for n, _, _ in meta} and max(held.values()) == 2  # row-parallel lora_A: one half per rank
+        verify_weights(group, [worker], "float32")
+        assert verify_adapter_logprobs(group, [worker], ids, 0, 1e-3, version=1) == {}
+
+        group.train_step(batch, "sft", {})  # the trainer moves on; the engine keeps version 1
+        with pytest.raises(WeightSyncError, match=r"lora_B\.weight.*: differs from the trainer"):
+            verify_weights(group, [worker], "float32")
+        with pytest.raises(WeightSyncError, match="its log-probs on the probe differ from the trainer's by up to"):
+            verify_adapter_logprobs(group, [worker], ids, 0, 1e-3, version=1)
+
+        refs = list(group.iter_weight_buckets(1 << 20, "float32"))
+        group.finish_weight_stream()
+        target = "base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"
+        bad = [(n, a + 0.5 if n == target else a) for bucket in ray.get(refs) for n, a in bucket]
+        ray.get(worker.begin_weight_update.remote({}))
+        ray.get(worker.load_weights.remote(bad))
+        ray.get(worker.finish_weight_update.remote(2))
+        with pytest.raises(WeightSyncError) as info:
+            verify_weights(group, [worker], "float32")
+        assert "1 tensor(s) differ" in str(info.value) and target in str(info.value)
+        broadcast_weights(group, [worker], 3, 1 << 20, "float32")  # a sync repairs it
+        verify_weights(group, [worker], "float32")
+        assert verify_adapter_logprobs(group, [worker], ids, 0, 1e-3, version=3) == {}
+    finally:
+        group.shutdown()
+        ray.kill(worker)

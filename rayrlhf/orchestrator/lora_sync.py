@@ -5,7 +5,7 @@ adapter tensor as the engine's LoRA layers hold it with the trainer's (naming an
 since vLLM applies the adapter in its own kernels beside the base weights, every engine scores one probe
 sequence with `prompt_logprobs` and its log-probs must be the trainer's (adapter on) within
 `model.lora.probe_atol`. A gap with every tensor equal is an engine that computes with something else
-than it was given, and the message says so.
+than it was given (a LoRA kernel, a stale slot), which the tensor comparison alone would miss.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def verify_adapter_logprobs(
             raise WeightSyncError(
                 f"rollout worker {i}: after the adapter sync of weight version {version} its log-probs on the probe differ "
                 f"from the trainer's by up to {float(gap.max()):.3g} (token {t + 1} of {len(ids)}: engine "
-                f"{float(engine[t]):.5f}, trainer {float(trainer[t]):.5f}; model.lora.probe_atol {atol:g}), although "
-                "every adapter tensor it holds equals the trainer's: the engine applies the adapter differently"
+                f"{float(engine[t]):.5f}, trainer {float(trainer[t]):.5f}; model.lora.probe_atol {atol:g}); after a "
+                "verification of its adapter tensors this means the engine applies the adapter differently"
             )
         log.debug("LoRA probe v%d, worker %d: max log-prob gap %.2g", version, i, float(gap.max()))
     return failed
