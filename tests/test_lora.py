@@ -221,3 +221,16 @@ def test_probe_helpers() -> None:
     with pytest.raises(ValueError, match="at least 2 tokens"):
         probe_ids([[1]])
     assert probe_atol(None, "float32") == 1e-3 and probe_atol(None, "bfloat16") == 0.1 and probe_atol(0.5, "float32") == 0.5
+
+
+def test_a_lora_final_folder_is_refused_as_a_model_with_the_way_to_merge_it(tmp_path: Path) -> None:
+    from rayrlhf.errors import InvalidInput
+    from rayrlhf.orchestrator.offline import OfflineTrainer
+
+    final = tmp_path / "sft" / "final"
+    final.mkdir(parents=True)
+    (final / "adapter_config.json").write_text("{}")
+    cfg = load_config(ROOT / "cluster_configs/local-cpu/sft.yaml", [f"model.policy={final}", f"output_dir={tmp_path / 'next'}"])
+    with pytest.raises(InvalidInput, match=rf"model.policy: {final} holds a LoRA adapter, not a model; merge it into its "
+                                           rf"base first with `rayrlhf export {tmp_path / 'sft'} --merge`"):
+        OfflineTrainer(cfg)

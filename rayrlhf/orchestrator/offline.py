@@ -74,6 +74,9 @@ class OfflineTrainer:
         self.out = Path(cfg.output_dir)
         trust = cfg.model.trust_remote_code
         self.model_path = resolve_model_path(cfg.model.policy, self.out / ".models", cfg.seed)
+        from rayrlhf.orchestrator.preflight import refuse_adapter_dir
+
+        refuse_adapter_dir("model.policy", self.model_path)
         self.tokenizer = load_tokenizer(self.model_path, trust)
         kind = "sft" if algo == "sft" else "pairs"
         if cfg.model.lora is not None:

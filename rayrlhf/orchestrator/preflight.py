@@ -45,11 +45,23 @@ def _model(cfg: JobConfig, key: str, name: str, cache: Path) -> str:
     from transformers import AutoConfig
 
     path = resolve_model_path(name, cache, cfg.seed)
+    refuse_adapter_dir(key, path)
     try:
         AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError, hub errors: all mean "cannot load it"
         raise InvalidInput(f"{key}: cannot load a model config from {name!r} ({type(exc).__name__}: {exc})") from None
     return path
+
+
+def refuse_adapter_dir(key: str, path: str) -> None:
+    """A LoRA run's final/ (a peft adapter, no model of its own) is not a model to start from: say how to get one."""
+    folder = Path(path)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        run = folder.parent if folder.name == "final" else folder
+        raise InvalidInput(
+            f"{key}: {path} holds a LoRA adapter, not a model; merge it into its base first with `rayrlhf export {run} "
+            f"--merge` and use {run / 'merged'}"
+        )
 
 
 def check_lora_targets(cfg: JobConfig, path: str, role: str = "policy") -> None:
