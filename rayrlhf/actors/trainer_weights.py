@@ -115,6 +115,12 @@ class WeightsMixin:
         """(checkpoint name, full tensor) of every weight (a LoRA adapter merged in)."""
         return self._tensors("full", dtype, device)
 
+    def _sync_tensors(self, dtype: str | None, device: Any = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+        """What a weight sync sends: the adapter (engine form), or the full weights (through `_full_tensors`)."""
+        if self._sync_kind() == "adapter":
+            return self._tensors("adapter", dtype, device)
+        return self._full_tensors(dtype, device)
+
     def _aliases(self, kind: str) -> dict[str, str]:
         return checkpoint_aliases(self.engine.module.hf) if kind == "full" else {}
 
@@ -158,7 +164,7 @@ class WeightsMixin:
         if self.rank == 0 and group is None:
             raise RuntimeError("broadcast_weights before init_weight_group")
         sent = []
-        for name, tensor in self._tensors(self._sync_kind(), dtype, device=self.device):
+        for name, tensor in self._sync_tensors(dtype, device=self.device):
             tensor = tensor.contiguous()
             group.broadcast(tensor)
             sent.append((name, tuple(tensor.shape), tensor.dtype))
@@ -170,7 +176,7 @@ class WeightsMixin:
 
         Call with ``.options(num_returns="streaming")`` on every rank at once.
         """
-        named = self._tensors(self._sync_kind(), dtype)
+        named = self._sync_tensors(dtype)
         if self.rank == 0:
             yield from bucketize(named, bucket_bytes)
             if end_marker:
@@ -194,7 +200,7 @@ class WeightsMixin:
         for alias, canonical in self._aliases(kind).items():
             alias_of.setdefault(canonical, []).append(alias)
         out = {}
-        for name, tensor in self._tensors(kind, dtype):
+        for name, tensor in self._sync_tensors(dtype):
             for label in [name, *alias_of.get(name, [])]:
                 regions = [full_region(tensor.shape)] if wanted is None else wanted.get(label, [])
                 for region in regions:
@@ -218,7 +224,7 @@ class WeightsMixin:
         written: list[tuple[Path, list[str]]] = []
         if self.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-        for name, tensor in self._tensors("saved" if adapter else "full", dtype):
+        for name, tensor in self._tensors("saved", dtype) if adapter else self._full_tensors(dtype):
             nbytes = tensor.numel() * tensor.element_size()
             if shards[-1] and size + nbytes > SHARD_BYTES and not adapter:  # an adapter is one file
                 written.append(self._write_shard(out, len(written), shards.pop(), save_file))
