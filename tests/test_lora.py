@@ -14,7 +14,7 @@ from rayrlhf.actors.trainer_group import trainer_settings
 from rayrlhf.config import ConfigError, load_config
 from rayrlhf.models.architectures import build_architecture
 from rayrlhf.models.forward import pack_batch, token_logprobs
-from rayrlhf.models.hf_layout import checkpoint_format, checkpoint_state, module_weights
+from rayrlhf.models.hf_layout import checkpoint_format, checkpoint_state
 from rayrlhf.models.lora import (
     LoraSpec,
     adapter_units,
@@ -127,7 +127,7 @@ def test_merged_weights_are_peft_merge_in_checkpoint_names(models: dict[str, Pat
     peft = _trained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), LoraSpec(rank=8))
     hf = peft.get_base_model()
     ours = {}
-    for _, unit in merged_units(hf, module_weights):
+    for _, unit in merged_units(hf):
         ours.update(checkpoint_format(hf, unit.produce()))
     reference = dict(checkpoint_state(peft.merge_and_unload()))
     assert sorted(ours) == sorted(reference) == sorted(untouched)

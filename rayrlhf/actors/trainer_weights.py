@@ -78,7 +78,7 @@ class WeightsMixin:
         elif kind == "saved":
             yield from lora.saved_units(hf)
         elif self.peft is not None:
-            for _, unit in lora.merged_units(hf, module_weights):
+            for _, unit in lora.merged_units(hf):
                 yield unit
         else:
             for entry in module_weights(hf):

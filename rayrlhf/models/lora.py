@@ -196,11 +196,12 @@ def saved_units(model: torch.nn.Module) -> Iterator[Unit]:
                        lambda p=param, n=file_name: {n: (_shape(p), p.dtype)})
 
 
-def merged_units(model: torch.nn.Module, module_weights: Callable[[torch.nn.Module], Iterator[Any]]) -> Iterator[tuple[str, Unit]]:
+def merged_units(model: torch.nn.Module) -> Iterator[tuple[str, Unit]]:
     """The model's full weights with every adapter merged (W + s·B·A, in float32 then cast back), under the base
-    model's in-memory names, module by module: (module prefix, unit). `module_weights` is
-    `hf_layout.module_weights` (passed in: this module stays below hf_layout). The merge uses the adapter's
-    current values; a module trained whole (modules_to_save) replaces its original."""
+    model's in-memory names, module by module (`hf_layout.module_weights` order): (module prefix, unit). The merge
+    uses the adapter's current values; a module trained whole (modules_to_save) replaces its original."""
+    from rayrlhf.models.hf_layout import module_weights
+
     layers = lora_layers(model)
     wrappers = {name: m for name, m in model.named_modules() if hasattr(m, "modules_to_save") and hasattr(m, "original_module")}
 
