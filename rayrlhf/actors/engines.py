@@ -134,6 +134,7 @@ class VLLMEngine:
         enforce_eager: bool = True,
         trust_remote_code: bool = False,
         max_num_seqs: int | None = None,
+        lora: dict[str, Any] | None = None,
     ) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process
         try:
@@ -144,9 +145,11 @@ class VLLMEngine:
                 f"rollout.backend=vllm needs vLLM, which cannot be imported here ({exc}); "
                 "install the [cpu] or [gpu] extra, or set rollout.backend=hf"
             ) from exc
+        from rayrlhf.actors.vllm_lora import LoraSlot
         from rayrlhf.models.loading import resolve_dtype
 
         self.dtype = resolve_dtype(dtype)
+        self._lora = LoraSlot(str(model_path), lora, trust_remote_code) if lora else None
         args = EngineArgs(
             model=str(model_path),
             dtype=str(self.dtype).removeprefix("torch."),
@@ -159,6 +162,7 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
             disable_log_stats=True,
             **({"max_num_seqs": max_num_seqs} if max_num_seqs else {}),
+            **(self._lora.engine_args() if self._lora else {}),
         )
         self._engine = LLMEngine.from_engine_args(args)
         # what the engine really computes in (its own resolution of the requested dtype, on this node)
@@ -197,7 +201,8 @@ class VLLMEngine:
             engine_id = f"{request.request_id}#{i}"
             if engine_id in self._requests:
                 raise ValueError(f"request id {request.request_id!r} is already in flight")
-            self._engine.add_request(engine_id, self._prompt(request.prompt_ids), self._sampling_params(request.sampling, i))
+            self._engine.add_request(engine_id, self._prompt(request.prompt_ids), self._sampling_params(request.sampling, i),
+                                     lora_request=self._lora.request if self._lora else None)
             self._requests[engine_id] = (request, i)
 
     def step(self) -> list[Completion]:
@@ -241,33 +246,53 @@ class VLLMEngine:
         """Swap every layer for a loader that buffers incoming weights until the layer is complete.
 
         `aliases` ({tied name: name it travels under}) are loaded too where this engine keeps a
-        separate copy of them.
+        separate copy of them. An engine serving a LoRA adapter (`lora`) receives a new adapter instead.
         """
-        self._engine.collective_rpc(_rpc_begin_reload, args=(dict(aliases or {}),))
+        if self._lora:
+            self._lora.begin()
+        else:
+            self._engine.collective_rpc(_rpc_begin_reload, args=(dict(aliases or {}),))
         self._updating = True
 
     def load_weights(self, bucket: Bucket) -> None:
         """Load one bucket by HF names; a layer is repacked once all its weights have arrived."""
         if not self._updating:
             raise RuntimeError("load_weights called outside begin_weight_update / finish_weight_update")
-        self._engine.collective_rpc(_rpc_load_bucket, args=(bucket,))
+        if self._lora:
+            self._lora.load(bucket)
+        else:
+            self._engine.collective_rpc(_rpc_load_bucket, args=(bucket,))
 
     def finish_weight_update(self) -> None:
         """Process the remaining layers and drop the KV cache computed with the old weights.
 
         Requests still running are preempted and recomputed with the new weights; the tokens
         they had already sampled keep their old-weight log-probs. Kernels a CPU reload leaves
-        stale (tied lm_head, MoE experts) are rebuilt (`vllm_layout.repair_after_reload`).
+        stale (tied lm_head, MoE experts) are rebuilt (`vllm_layout.repair_after_reload`). A LoRA adapter is
+        registered as a new adapter, which every later request uses.
         """
-        self._engine.collective_rpc(_rpc_finish_reload)
+        if self._lora:
+            self._engine.add_lora(self._lora.finish(self.dtype))
+            self._lora.forget_old(self._engine)
+        else:
+            self._engine.collective_rpc(_rpc_finish_reload)
         self._updating = False
         self._engine.reset_prefix_cache(reset_running_requests=True)
 
     def checksums(self, names: list[str]) -> dict[tuple[str, Region], str]:
         """{(checkpoint name, region): checksum} over the weights every tensor-parallel rank computes with.
 
-        `names` are the trainer's checkpoint names (they decide how fused projections are named).
+        `names` are the trainer's checkpoint names (they decide how fused projections are named). An engine
+        serving a LoRA adapter reports the adapter's tensors instead, as its LoRA layers hold them.
         """
+        if self._lora:
+            from rayrlhf.actors.vllm_lora import rpc_lora_checksums
+
+            if self._lora.request is None:
+                return {}
+            shapes = {n: s for n, s in self._lora.shapes.items() if n in set(names)}
+            return merge_rank_checksums(self._engine.collective_rpc(rpc_lora_checksums,
+                                                                    args=(self._lora.request.lora_int_id, shapes)))
         return merge_rank_checksums(self._engine.collective_rpc(_rpc_checksums, args=(list(names),)))
 
 

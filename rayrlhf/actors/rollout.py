@@ -365,6 +365,8 @@ def _engine_kwargs(
             "tensor_parallel_size": rollout_cfg.tensor_parallel_size,
             "enforce_eager": rollout_cfg.enforce_eager,
             "max_num_seqs": rollout_cfg.max_num_seqs,
+            # a LoRA policy synced as an adapter: the engine serves the trainer's adapter in vLLM's LoRA slots
+            "lora": lora.model_dump() if (lora := model_cfg.lora) is not None and lora.sync == "adapter" else None,
         }
     hf = {**common, "device": "cuda" if rollout_cfg.num_gpus > 0 else "cpu"}
     return {**hf, "max_batch_size": rollout_cfg.max_num_seqs} if rollout_cfg.max_num_seqs else hf

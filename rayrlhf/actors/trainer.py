@@ -20,8 +20,7 @@ import logging
 import math
 import os
 import random
-import socket
-from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,23 +43,17 @@ from rayrlhf.actors.losses_step import (
     validate,
 )
 from rayrlhf.actors.resources import default_threads, pin_to_cores
-from rayrlhf.actors.weights import Bucket, Region, bucketize, full_region, region_slice, tensor_checksum
+from rayrlhf.actors.trainer_weights import WeightsMixin, free_port
 from rayrlhf.models.forward import sequence_scores, token_logprobs, token_values
-from rayrlhf.models.hf_layout import checkpoint_aliases, checkpoint_format, module_weights
-from rayrlhf.models.loading import (
-    load_critic,
-    load_policy,
-    load_reward_model,
-    resolve_dtype,
-    training_precision,
-)
+from rayrlhf.models.loading import load_critic, load_policy, load_reward_model, training_precision
+from rayrlhf.models.lora import LoraSpec
 from rayrlhf.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
 ROLES = ("policy", "critic", "reward")
 _LOADERS = {"policy": load_policy, "critic": load_critic, "reward": load_reward_model}
-SHARD_BYTES = 2 * 1024**3
+__all__ = ["ROLES", "RoleModule", "TrainerRank", "TrainerSettings", "deepspeed_config", "free_port", "lr_lambda"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +81,7 @@ class TrainerSettings:
     disable_dropout: bool = True
     num_threads: int | None = None  # torch threads; None: the node's cores shared by the group's ranks
     cpus: list[int] | None = None  # cores the ranks are pinned to; None: any
+    lora: LoraSpec | None = None  # train a LoRA adapter instead of the whole model (model.lora)
 
 
 def deepspeed_config(s: TrainerSettings, world_size: int, bf16: bool) -> dict[str, Any]:
@@ -152,20 +146,14 @@ class RoleModule(torch.nn.Module):
         return {"scores": sequence_scores(self.hf, batch)}
 
 
-def _cast(tensor: torch.Tensor, want: torch.dtype | None) -> torch.dtype:
-    """The dtype a weight travels in: `want` for floating-point tensors, integer buffers as they are."""
-    return want if want is not None and tensor.is_floating_point() else tensor.dtype
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
-
-
 @ray.remote
-class TrainerRank:
-    """One rank: holds a shard of the model, optimizer and LR schedule of a DeepSpeed engine."""
+class TrainerRank(WeightsMixin):
+    """One rank: holds a shard of the model, optimizer and LR schedule of a DeepSpeed engine.
+
+    With `settings.lora`, the model carries a LoRA adapter (peft): only the adapter has gradients and
+    optimizer state, and the base model with the adapter switched off is the frozen reference policy, computed
+    here (`forward_logprobs(adapter=False)`) without a second copy of the weights.
+    """
 
     def __init__(
         self, role: str, model_path: str, rank: int, world_size: int, master_addr: str | None,
@@ -180,6 +168,7 @@ class TrainerRank:
         self.settings = settings
         self.engine: Any = None
         self.weight_group: Any = None
+        self.peft: Any = None  # the peft wrapper of the model when it trains a LoRA adapter
         pin_to_cores(settings.cpus)
         torch.set_num_threads(
             settings.num_threads or default_threads(model_path, world_size, len(settings.cpus) if settings.cpus else None)
@@ -217,6 +206,13 @@ class TrainerRank:
         bf16, weights_dtype = training_precision(s.dtype, s.bf16)  # AdamW steps float32 weights or masters
         config = deepspeed_config(s, self.world_size, bf16)
         hf = self._build_model(weights_dtype, config)
+        if s.lora is not None:
+            from rayrlhf.models.lora import apply_lora
+
+            # The HF model keeps its class and names with the LoRA layers inside it; the wrapper (held outside
+            # the module tree) switches the adapter off for the reference and names the adapter's files.
+            self.peft = apply_lora(hf, s.lora, self.role, self.model_path)
+            hf = self.peft.get_base_model()
         if s.gradient_checkpointing:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         hf.config.use_cache = False
@@ -232,15 +228,16 @@ class TrainerRank:
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False,
         )
         self.device = self.engine.device
-        log.info("%s rank %d/%d ready: ZeRO-%d, bf16=%s, %s", self.role, self.rank, self.world_size, s.zero_stage,
-                 bf16, self.device)
+        trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        log.info("%s rank %d/%d ready: ZeRO-%d, bf16=%s, %s%s", self.role, self.rank, self.world_size, s.zero_stage,
+                 bf16, self.device, f", LoRA rank {s.lora.rank} ({trained} trained parameters)" if s.lora else "")
 
     def _build_model(self, weights_dtype: str, ds_config: dict[str, Any]) -> Any:
         """The role's model: under ZeRO-3 created partitioned over the group and streamed in module by module
         (`models.partitioned`: a rank's host memory falls with the group size), else loaded whole on each rank."""
         s = self.settings
         self.built_partitioned = False
-        if s.zero_stage == 3 and s.partitioned_init:
+        if s.zero_stage == 3 and s.partitioned_init and s.lora is None:  # LoRA: whole (frozen base; adapter added after)
             from rayrlhf.models.partitioned import NotPartitionable, load_partitioned
 
             try:
@@ -258,16 +255,18 @@ class TrainerRank:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _forward(
-        self, batch: Batch, with_entropy: bool = False, temperature: float = 1.0
+        self, batch: Batch, with_entropy: bool = False, temperature: float = 1.0, adapter: bool = True
     ) -> dict[str, torch.Tensor]:
-        """The role's outputs on this shard, micro-batch by micro-batch, in eval mode without grad."""
+        """The role's outputs on this shard, micro-batch by micro-batch, in eval mode without grad (with a LoRA
+        adapter switched off unless `adapter`: the base model, which is the reference policy)."""
         self.engine.eval()
         packed = sub_batch(batch, "")
         s = self.settings
         n_micro = num_micro_batches(packed, s.micro_batch_size, s.micro_batch_tokens)
         outs: list[dict[str, torch.Tensor]] = []
         width = packed["mask"].shape[1]
-        with torch.no_grad():
+        off = self.peft.disable_adapter() if self.peft is not None and not adapter else nullcontext()
+        with torch.no_grad(), off:
             for mb in map(trim_padding, split_rows(packed, n_micro, lambda k: True)):
                 out = self.engine(**self._to_device(mb), with_entropy=with_entropy, temperature=temperature)
                 # back to the shard's width (the trimmed micro-batch may hold fewer response columns)
@@ -275,11 +274,14 @@ class TrainerRank:
         return {k: torch.cat([o[k] for o in outs]).float().cpu() for k in outs[0]}
 
     def forward_logprobs(
-        self, batch: Batch, with_entropy: bool = False, temperature: float | None = None
+        self, batch: Batch, with_entropy: bool = False, temperature: float | None = None, adapter: bool = True
     ) -> dict[str, torch.Tensor]:
-        """Per-token log-probs [b, T] (and entropy) of this rank's rows; temperature defaults to the sampling one."""
+        """Per-token log-probs [b, T] (and entropy) of this rank's rows; temperature defaults to the sampling one.
+        `adapter=False`: those of the base model, a LoRA adapter switched off (the reference policy)."""
         self._expect_role("policy", "forward_logprobs")
-        return self._forward(batch, with_entropy, self.settings.temperature if temperature is None else temperature)
+        if not adapter and self.peft is None:
+            raise ValueError("forward_logprobs(adapter=False) needs a LoRA policy (model.lora); this one trains the whole model")
+        return self._forward(batch, with_entropy, self.settings.temperature if temperature is None else temperature, adapter)
 
     def forward_values(self, batch: Batch) -> torch.Tensor:
         self._expect_role("critic", "forward_values")
@@ -345,8 +347,10 @@ class TrainerRank:
     # ---------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self, directory: str, tag: str) -> None:
-        """Model, optimizer, LR scheduler (DeepSpeed's files) plus this rank's RNG states."""
-        self.engine.save_checkpoint(directory, tag=tag, client_state={"settings": asdict(self.settings)})
+        """Model, optimizer, LR scheduler (DeepSpeed's files) plus this rank's RNG states. With a LoRA adapter only
+        the adapter and its optimizer state are saved: the frozen base comes back from the model's own files."""
+        self.engine.save_checkpoint(directory, tag=tag, client_state={"settings": asdict(self.settings)},
+                                    exclude_frozen_parameters=self.peft is not None)
         rng = rng_state()  # tensors and plain values only: it loads back with weights_only=True
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -356,7 +360,8 @@ class TrainerRank:
 
     def load_checkpoint(self, directory: str, tag: str) -> None:
         path, _ = self.engine.load_checkpoint(
-            directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+            load_module_strict=self.peft is None,  # a LoRA checkpoint holds the adapter only
         )
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {directory}")
@@ -367,177 +372,6 @@ class TrainerRank:
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
         torch.distributed.barrier()
-
-    # ---------------------------------------------------------------- full weights
-
-    def _full_tensors(self, dtype: str | None, device: Any = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-        """(checkpoint name, full tensor on `device`) for every weight, one module at a time.
-
-        All ranks must iterate in lockstep: under ZeRO-3 each module's parameters are gathered
-        with `GatheredParameters` (every rank joins the all-gather) and copied before the gather
-        is released, so at most one module is ever materialised beyond the local shard. Only
-        rank 0 yields. Names and layout are the checkpoint's (`hf_layout.checkpoint_format`);
-        tied parameters appear once, under their first name, as in `save_pretrained`.
-        """
-        import deepspeed
-
-        want = resolve_dtype(dtype) if dtype else None
-        hf = self.engine.module.hf
-        zero3 = self.engine.zero_optimization_stage() == 3
-        for entry in module_weights(hf):
-            params = [p for _, p in entry.params]
-            gathered = deepspeed.zero.GatheredParameters(params) if zero3 and params else None
-            if gathered is not None:
-                gathered.__enter__()
-            try:  # copy inside the gather: the gathered storage is released (and reused) on exit
-                out = {entry.prefix + n: t.detach().to(device=device, dtype=_cast(t, want), copy=zero3)
-                       for n, t in entry.params + entry.buffers} if self.rank == 0 else {}
-            finally:
-                if gathered is not None:
-                    gathered.__exit__(None, None, None)
-            yield from checkpoint_format(hf, out).items()
-
-    def weight_layout(self, dtype: str | None = None) -> tuple[list[tuple[str, tuple[int, ...], torch.dtype]], dict[str, str]]:
-        """([(checkpoint name, full shape, dtype)] in `_full_tensors` order, {tied alias: its name}), no gather."""
-        want = resolve_dtype(dtype) if dtype else None
-        hf = self.engine.module.hf
-        meta = []
-        for entry in module_weights(hf):
-            own = {entry.prefix + n: torch.empty(tuple(getattr(t, "ds_shape", t.shape)), dtype=_cast(t, want), device="meta")
-                   for n, t in entry.params + entry.buffers}
-            meta += [(n, tuple(t.shape), t.dtype) for n, t in checkpoint_format(hf, own).items()]
-        return meta, checkpoint_aliases(hf)
-
-    # ----- collective transport (see rayrlhf.actors.collective)
-
-    def weight_group_address(self) -> tuple[str, int]:
-        """This node's IP and a free port for the weight group's store (rank 0 hosts it)."""
-        return ray.util.get_node_ip_address(), free_port()
-
-    def init_weight_group(self, addr: str, port: int, world_size: int, group_name: str, timeout_s: float = 600.0) -> None:
-        """Rank 0 hosts the store and joins the broadcast group as root 0; other ranks do nothing. Every wait of
-        the group (joining, each broadcast) gives up after `timeout_s`."""
-        from rayrlhf.actors.collective import WeightGroup
-
-        self.destroy_weight_group()
-        if self.rank == 0:
-            self.weight_group = WeightGroup(addr, port, world_size, 0, group_name, self.device, timeout_s)
-
-    def destroy_weight_group(self) -> None:
-        group, self.weight_group = self.weight_group, None
-        if group is not None:
-            group.destroy()
-
-    def broadcast_weights(self, dtype: str | None = None) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-        """Every rank joins the gathers; rank 0 broadcasts each full tensor over the weight group.
-
-        Returns what rank 0 sent ([] elsewhere); the workers receive in `weight_layout` order.
-        """
-        group = self.weight_group
-        if self.rank == 0 and group is None:
-            raise RuntimeError("broadcast_weights before init_weight_group")
-        sent = []
-        for name, tensor in self._full_tensors(dtype, device=self.device):
-            tensor = tensor.contiguous()
-            group.broadcast(tensor)
-            sent.append((name, tuple(tensor.shape), tensor.dtype))
-        return sent
-
-    def iter_weight_buckets(self, bucket_bytes: int, dtype: str | None = None, end_marker: bool = False) -> Iterator[Bucket | None]:
-        """Stream the full weights as buckets (rank 0 yields; the others only join the gathers), then None
-        when `end_marker` (so the driver can tell a complete stream from a broken one).
-
-        Call with ``.options(num_returns="streaming")`` on every rank at once.
-        """
-        named = self._full_tensors(dtype)
-        if self.rank == 0:
-            yield from bucketize(named, bucket_bytes)
-            if end_marker:
-                yield None
-        else:
-            for _ in named:
-                pass
-
-    def checksums(
-        self, dtype: str | None = None, keys: list[tuple[str, Region]] | None = None
-    ) -> dict[tuple[str, Region], str]:
-        """Rank 0: {(checkpoint name, region): checksum} of the pieces in `keys` (None: every whole
-        tensor), tied aliases included; {} elsewhere. A region that does not fit its tensor is reported."""
-        wanted: dict[str, list[Region]] | None = None
-        if keys is not None:
-            wanted = {}
-            for name, region in keys:
-                wanted.setdefault(name, []).append(tuple(tuple(r) for r in region))
-        alias_of: dict[str, list[str]] = {}
-        for alias, canonical in checkpoint_aliases(self.engine.module.hf).items():
-            alias_of.setdefault(canonical, []).append(alias)
-        out = {}
-        for name, tensor in self._full_tensors(dtype):
-            for label in [name, *alias_of.get(name, [])]:
-                regions = [full_region(tensor.shape)] if wanted is None else wanted.get(label, [])
-                for region in regions:
-                    try:
-                        out[(label, region)] = tensor_checksum(region_slice(tensor, region))
-                    except ValueError as exc:
-                        out[(label, region)] = f"no such region: {exc}"
-        return out
-
-    def export_hf(self, directory: str, dtype: str | None = None) -> None:
-        """Rank 0 writes a Hugging Face directory: config, safetensors shards, tokenizer."""
-        from safetensors.torch import save_file
-
-        out = Path(directory)
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        written: list[tuple[Path, list[str]]] = []
-        if self.rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-        for name, tensor in self._full_tensors(dtype):
-            nbytes = tensor.numel() * tensor.element_size()
-            if shards[-1] and size + nbytes > SHARD_BYTES:
-                written.append(self._write_shard(out, len(written), shards.pop(), save_file))
-                shards.append({})
-                size = 0
-            shards[-1][name] = tensor.contiguous()
-            size += nbytes
-        if self.rank == 0:
-            written.append(self._write_shard(out, len(written), shards.pop(), save_file))
-            self._finish_export(out, written, dtype)
-        torch.distributed.barrier()
-
-    @staticmethod
-    def _write_shard(out: Path, index: int, tensors: dict[str, torch.Tensor], save_file: Any) -> tuple[Path, list[str]]:
-        path = out / f"shard-{index:05d}.tmp"
-        save_file(tensors, str(path), metadata={"format": "pt"})
-        return path, list(tensors)
-
-    def _finish_export(self, out: Path, written: list[tuple[Path, list[str]]], dtype: str | None) -> None:
-        import copy
-        import json
-
-        from transformers import AutoTokenizer
-
-        n = len(written)
-        weight_map: dict[str, str] = {}
-        for i, (path, names) in enumerate(written):
-            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            path.rename(out / final)
-            weight_map.update(dict.fromkeys(names, final))
-        if n > 1:
-            total = sum((out / f).stat().st_size for f in set(weight_map.values()))
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        hf = self.engine.module.hf
-        config = copy.deepcopy(hf.config)
-        config.architectures = [type(hf).__name__]
-        config.use_cache = True
-        first = next(iter(hf.parameters()))
-        config.dtype = str(resolve_dtype(dtype) if dtype else first.dtype).removeprefix("torch.")
-        config.save_pretrained(out)
-        if getattr(hf, "generation_config", None) is not None and self.role == "policy":
-            hf.generation_config.save_pretrained(out)
-        AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=self.settings.trust_remote_code).save_pretrained(out)
-        log.info("exported %s to %s (%d shard(s))", self.role, out, n)
 
     def shutdown(self) -> None:
         """Leave the weight group and the process group cleanly (a rank that exits inside it aborts with SIGABRT)."""

@@ -36,6 +36,7 @@ from rayrlhf.actors.trainer import ROLES, TrainerRank, TrainerSettings
 from rayrlhf.actors.weights import DEFAULT_BUCKET_BYTES, Region
 from rayrlhf.config import JobConfig, RoleConfig
 from rayrlhf.errors import TrainerFailed
+from rayrlhf.models.lora import lora_spec
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def trainer_settings(cfg: JobConfig, role: str, total_steps: int) -> TrainerSett
         disable_dropout=cfg.model.disable_dropout,
         num_threads=rc.num_threads,
         cpus=rc.cpus,
+        lora=lora_spec(cfg.model.lora) if role != "critic" else None,  # the critic trains whole
     )
 
 
@@ -230,14 +232,16 @@ class TrainerGroup:
         return batch, rows
 
     def forward_logprobs(
-        self, batch: Batch, with_entropy: bool = False, temperature: float | None = None
+        self, batch: Batch, with_entropy: bool = False, temperature: float | None = None, adapter: bool = True
     ) -> dict[str, torch.Tensor]:
         """Per-token log-probs [B, T] (and entropy [B, T] when asked) of the policy, for any number of rows.
 
-        `temperature` defaults to the sampling temperature the group was configured with.
+        `temperature` defaults to the sampling temperature the group was configured with. `adapter=False` (a LoRA
+        policy only): the base model's, the adapter switched off, which is the reference policy.
         """
         batch, rows = self._even(batch)
-        outs = self._call("forward_logprobs", per_rank=[(s, with_entropy, temperature) for s in self._split(batch)])
+        outs = self._call("forward_logprobs",
+                          per_rank=[(s, with_entropy, temperature, adapter) for s in self._split(batch)])
         return {k: torch.cat([o[k] for o in outs])[:rows] for k in outs[0]}
 
     def forward_values(self, batch: Batch) -> torch.Tensor:
@@ -283,13 +287,25 @@ class TrainerGroup:
     def load_checkpoint(self, directory: str, tag: str) -> None:
         self._call("load_checkpoint", str(directory), tag)
 
-    def export_hf(self, directory: str, dtype: str | None = None) -> None:
-        """A Hugging Face directory (config, safetensors, tokenizer) of the current weights."""
-        self._call("export_hf", str(directory), dtype)
+    def export_hf(self, directory: str, dtype: str | None = None, merged: bool | None = None) -> None:
+        """A Hugging Face directory (config, safetensors, tokenizer) of the current weights; with a LoRA adapter,
+        the adapter in peft's format (adapter_config.json, adapter_model.safetensors), or merged when asked."""
+        self._call("export_hf", str(directory), dtype, merged)
+
+    @property
+    def lora(self) -> Any:
+        """The group's LoraSpec (model.lora), or None when it trains the whole model."""
+        return self.settings.lora
+
+    @property
+    def syncs_adapter(self) -> bool:
+        """Whether a weight sync sends the LoRA adapter only (else the full weights, an adapter merged in)."""
+        return self.role == "policy" and self.lora is not None and self.lora.sync == "adapter"
 
     def checksums(self, dtype: str | None = None, keys: list[tuple[str, Region]] | None = None) -> dict[tuple[str, Region], str]:
-        """{(checkpoint name, region): checksum} of the current weights (as rank 0 sees them):
-        the pieces in `keys`, or every whole tensor and tied alias when None."""
+        """{(name, region): checksum} of what a sync sends (as rank 0 sees it): the pieces in `keys`, or every
+        whole tensor and tied alias when None. That is the full weights in checkpoint names, or the LoRA adapter
+        as an engine holds it when the sync sends the adapter."""
         return self._call("checksums", dtype, keys)[0]
 
     def weight_layout(self, dtype: str | None = None) -> tuple[list[tuple[str, tuple[int, ...], torch.dtype]], dict[str, str]]:

@@ -21,6 +21,7 @@ from rayrlhf.config.sections import (
     ONLINE_ALGORITHMS,
     AlgorithmConfig,
     DataConfig,
+    LoraConfig,
     ModelConfig,
     RewardConfig,
     RewardFunctionConfig,
@@ -29,7 +30,7 @@ from rayrlhf.config.sections import (
 
 __all__ = [
     "GROUP_ALGORITHMS", "OFFLINE_ALGORITHMS", "ONLINE_ALGORITHMS", "AlgorithmConfig", "CheckpointConfig", "ConfigError",
-    "DataConfig", "EnvConfig", "FaultsConfig", "JobConfig", "LoggingConfig", "ModelConfig", "RayConfig", "RewardConfig",
+    "DataConfig", "EnvConfig", "FaultsConfig", "JobConfig", "LoggingConfig", "LoraConfig", "ModelConfig", "RayConfig", "RewardConfig",
     "RewardFunctionConfig", "RoleConfig",
     "RolloutConfig", "ScheduleConfig", "Section", "ServersConfig", "TrainerConfig", "load_config", "parse_override",
     "to_yaml",

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -73,6 +74,8 @@ def _section_model(model: type[BaseModel], path: tuple[str, ...]) -> type[BaseMo
     for part in path:
         field = model.model_fields.get(part) or next((f for f in model.model_fields.values() if f.alias == part), None)
         annotation = getattr(field, "annotation", None)
+        if get_origin(annotation) in (Union, UnionType):  # an optional section (`model.lora: LoraConfig | None`)
+            annotation = next((a for a in get_args(annotation) if a is not type(None)), None)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
         model = annotation

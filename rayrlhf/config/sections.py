@@ -32,6 +32,35 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraConfig(Section):
+    """A LoRA adapter (peft) trained instead of the whole model (`model.lora`)."""
+
+    rank: int = Field(16, ge=1, le=512, description="Rank r of each adapter (A is r x in, B is out x r); vLLM serves up to 512.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha: the update is (alpha / rank) * B @ A.")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="Dropout on the adapter's input while training (0 keeps the PPO ratio of "
+        "on-policy samples at 1, as model.disable_dropout does for the base model)."
+    )
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="Layers that get an adapter: all-linear (every linear layer but the output layer, "
+        "a classification head and MoE routers), or a list of layer names such as [q_proj, v_proj]."
+    )
+    sync: Literal["auto", "adapter", "merged"] = Field(
+        "auto", description="What a weight sync sends the engines: adapter (the LoRA tensors only, into vLLM's LoRA "
+        "slots), merged (full weights with the adapter merged in), auto (adapter where the engine can serve it)."
+    )
+    probe_atol: float | None = Field(
+        None, gt=0, description="Largest engine/trainer log-prob gap on the probe after an adapter sync; null: 1e-3 "
+        "with float32 engines, 0.1 with 16-bit ones."
+    )
+
+    @model_validator(mode="after")
+    def _names(self) -> LoraConfig:
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules is an empty list: name at least one layer, or use all-linear")
+        return self
+
+
 class ModelConfig(Section):
     policy: str = Field("tiny", description="Policy to train: a local directory, a hub id, or 'tiny' for the locally built test model.")
     critic: str | None = Field(None, description="Critic initialisation for PPO (a causal LM or reward model; a value head is added). Required by ppo.")
@@ -44,6 +73,10 @@ class ModelConfig(Section):
     disable_dropout: bool = Field(
         True, description="Zero every dropout of the policy, critic, reference and reward models (on, updates and "
         "scoring see different networks and the PPO ratio is not 1 on-policy)."
+    )
+    lora: LoraConfig | None = Field(
+        None, description="Train a LoRA adapter instead of the whole model: the policy (online RL, sft, dpo) or the "
+        "reward model (rm); the reference is then the policy with its adapter off. null: full fine-tuning."
     )
 
 

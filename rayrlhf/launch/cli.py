@@ -73,6 +73,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A run's final/ or one of its checkpoints as a Hugging Face model, a LoRA adapter merged when asked."""
+    from rayrlhf.launch.export import export
+
+    dest = export(args.output_dir, step=args.step, merge=args.merge, dest=args.out)
+    sys.stdout.write(f"{dest}\n")
+    return EXIT_OK
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit a job to a Ray cluster through the Jobs API (rayrlhf/launch/submit.py)."""
     from rayrlhf.launch.submit import SubmitError, run_submit
@@ -135,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--skip-capacity-check", action="store_true",
                        help="start a GPU job even when the planner estimates it does not fit the cluster")
     train.set_defaults(func=cmd_train)
+    export = sub.add_parser("export", help="write a run's final/ or a checkpoint as a Hugging Face model")
+    export.add_argument("output_dir", help="the run's output_dir (holds config.yaml, checkpoints/, final/)")
+    export.add_argument("--step", type=int, help="export checkpoint step_N (default: final/, else the latest checkpoint)")
+    export.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base model")
+    export.add_argument("--out", help="folder to write (default: OUTPUT_DIR/merged for final/, else OUTPUT_DIR/export/step_N)")
+    export.set_defaults(func=cmd_export)
     demo = sub.add_parser("demo", help="the whole InstructGPT pipeline (SFT -> reward model -> PPO) on a tiny local model")
     demo.add_argument("--output-dir", default="outputs/demo", help="where the stages and summary.json go (default: %(default)s)")
     for knob in ("sft_steps", "rm_steps", "ppo_steps", "n_train", "n_eval", "eval_samples", "seed"):  # shorter runs for tests

@@ -21,6 +21,10 @@ uninterrupted run.
 `model.policy` is the model trained: the policy for sft and dpo, and for rm the causal LM (or
 reward model) the reward model starts from; a one-output `score` head is added. DPO's
 reference is `model.reference`, defaulting to `model.policy`.
+
+With `model.lora` the model trains a LoRA adapter (a reward model's new score head trains whole
+beside it); checkpoints hold the adapter and its optimizer state, `final/` the adapter in peft's
+format, and DPO's reference is the model with its adapter switched off.
 """
 
 from __future__ import annotations
@@ -70,8 +74,15 @@ class OfflineTrainer:
         self.out = Path(cfg.output_dir)
         trust = cfg.model.trust_remote_code
         self.model_path = resolve_model_path(cfg.model.policy, self.out / ".models", cfg.seed)
+        from rayrlhf.orchestrator.preflight import refuse_adapter_dir
+
+        refuse_adapter_dir("model.policy", self.model_path)
         self.tokenizer = load_tokenizer(self.model_path, trust)
         kind = "sft" if algo == "sft" else "pairs"
+        if cfg.model.lora is not None:
+            from rayrlhf.orchestrator.preflight import check_lora_targets
+
+            check_lora_targets(cfg, self.model_path, self.role)
         self.train, _ = load_examples(cfg.data.train, kind, self.tokenizer, cfg.data)
         self.eval = load_examples(cfg.data.eval, kind, self.tokenizer, cfg.data)[0] if cfg.data.eval else []
         self.mini = cfg.trainer.mini_batch_size or cfg.schedule.prompts_per_step
@@ -227,11 +238,14 @@ class OfflineTrainer:
         """Sequence log-probs of every train and eval pair under the frozen reference, computed once.
 
         The reference is `model.reference`, or the policy itself before its first update (then
-        the policy group computes them and no extra copy of the model is loaded).
+        the policy group computes them and no extra copy of the model is loaded); with a LoRA adapter,
+        the policy with its adapter switched off.
         """
         cfg, t0 = self.cfg, time.monotonic()
         ref_path = resolve_model_path(cfg.model.reference or cfg.model.policy, self.out / ".models", cfg.seed)
         server, call = None, self._logprobs
+        if cfg.model.lora is not None:
+            call = lambda b: self.group.forward_logprobs(b, temperature=1.0, adapter=False)["logp"]  # noqa: E731
         if ref_path != self.model_path:
             srv = cfg.servers
             server = RemoteReferenceServer.options(num_cpus=srv.reference_num_cpus, num_gpus=srv.reference_num_gpus).remote(

@@ -319,7 +319,8 @@ class OnlineRL:
                 mb = {k: v[idx] for k, v in data.items()}
                 if algo.ptx_coef > 0:
                     mb.update(self.system.ptx_batch(mini))
-                metrics = {f"policy/{k}": v for k, v in self.system.policy.train_step(mb, "ppo", policy_args).items()}
+                with self.system.policy_lock:  # scoring threads may ask the policy group for log-probs meanwhile
+                    metrics = {f"policy/{k}": v for k, v in self.system.policy.train_step(mb, "ppo", policy_args).items()}
                 if self.system.critic is not None:
                     critic_args = {"value_clip_eps": algo.value_clip_eps}
                     metrics.update({f"critic/{k}": v for k, v in self.system.critic.train_step(mb, "value", critic_args).items()})

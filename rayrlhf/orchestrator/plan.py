@@ -8,15 +8,22 @@ tensor parallelism on the transformers backend, ranks of one NCCL group sharing 
 engine reserving fewer GPUs than its tensor-parallel size, a collective weight sync between a
 GPU trainer and CPU engines, or weight updates into a transformers engine whose in-memory
 layout differs from its checkpoint (mixture-of-experts models).
+
+With `model.lora` the plan says how the adapter runs: the policy group trains only the adapter and
+is also the reference policy (the adapter switched off, in its own process: no reference actor and
+no second copy of the weights), and the weight sync sends the adapter alone into vLLM's LoRA slots
+or, for engines that cannot serve it, the weights with the adapter merged in (`model.lora.sync`).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rayrlhf.config import ConfigError, JobConfig
+from rayrlhf.models.lora import vllm_max_lora_rank
 from rayrlhf.models.tiny import TINY_PREFIX
 
 
@@ -134,16 +141,65 @@ def resolve_backend(cfg: JobConfig) -> str:
 
 
 def _trainer_path(cfg: JobConfig, role: str, gpu: bool, ranks: int) -> str:
-    t = cfg.trainer
+    t, lora = cfg.trainer, cfg.model.lora
     if t.bf16 is not None:
         precision = "bf16" if t.bf16 else "fp32"
     elif cfg.model.dtype == "bfloat16":
         precision = "bf16"
     else:
         precision = "bf16 where supported" if gpu else "fp32"
+    adapter = ""
+    if lora is not None and role == "policy":
+        targets = lora.target_modules if isinstance(lora.target_modules, str) else "/".join(lora.target_modules)
+        adapter = f", LoRA rank {lora.rank} on {targets} (only the adapter trains)"
+        if lora_reference(cfg):
+            adapter += "; also the reference: this model with its adapter off, no second copy of the weights"
     return (f"DeepSpeed ZeRO-{t.stage_for(ranks)}, {'nccl' if gpu else 'gloo'}, {precision}"
             + (", gradient checkpointing" if t.gradient_checkpointing else "")
-            + (f", offload {t.offload} to host memory" if t.offload != "none" else ""))
+            + (f", offload {t.offload} to host memory" if t.offload != "none" else "") + adapter)
+
+
+def _is_moe(name: str | None) -> bool:
+    """Whether a local model or a `tiny:` row is a mixture of experts (False for a hub id: unknown offline)."""
+    if name is None:
+        return False
+    if name == "tiny" or name.startswith(TINY_PREFIX):
+        from rayrlhf.models.architectures import architecture
+
+        values = architecture(name.removeprefix(TINY_PREFIX) if name != "tiny" else "llama").config
+    else:
+        config = Path(name) / "config.json"
+        values = json.loads(config.read_text()) if config.is_file() else {}
+    return any(int(values.get(k) or 0) > 1 for k in ("num_experts", "num_local_experts", "n_routed_experts"))
+
+
+def lora_reference(cfg: JobConfig) -> bool:
+    """Whether the reference policy is the LoRA policy with its adapter off (in the policy trainer's process):
+    a LoRA job whose reference is the policy's own base model, and a KL that needs a reference at all."""
+    ref = cfg.model.reference
+    return cfg.model.lora is not None and cfg.algorithm.needs_reference and (ref is None or ref == cfg.model.policy)
+
+
+def resolve_lora_sync(cfg: JobConfig, backend: str | None = None) -> tuple[str | None, str | None]:
+    """(model.lora.sync with `auto` decided, the reason it cannot run or None). An adapter goes to vLLM engines
+    only; vLLM 0.32's CPU build serves no LoRA on mixture-of-experts models (its MoE LoRA kernels are Triton's)."""
+    lora = cfg.model.lora
+    if lora is None:
+        return None, None
+    backend = backend or resolve_backend(cfg)
+    cpu_moe = backend == "vllm" and not _gpu(cfg.rollout.num_gpus) and _is_moe(cfg.model.policy)
+    if lora.sync == "merged":
+        return "merged", None
+    if lora.sync == "auto":
+        return ("merged" if backend != "vllm" or cpu_moe else "adapter"), None
+    if backend != "vllm":
+        return "adapter", ("model.lora.sync: adapter needs rollout.backend: vllm (the transformers engine takes full "
+                           "weights); use model.lora.sync: merged or auto")
+    if cpu_moe:
+        return "adapter", (f"model.lora.sync: adapter on CPU engines cannot serve {cfg.model.policy}: vLLM's CPU build runs "
+                           "LoRA on mixture-of-experts models only with Triton kernels, which it lacks; use "
+                           "model.lora.sync: merged or auto")
+    return "adapter", None
 
 
 def plan_actors(cfg: JobConfig) -> ActorPlan:
@@ -152,6 +208,9 @@ def plan_actors(cfg: JobConfig) -> ActorPlan:
     tp = r.tensor_parallel_size
     rollout_gpu = _gpu(r.num_gpus)
     backend = resolve_backend(cfg)
+    lora_sync, lora_problem = resolve_lora_sync(cfg, backend)
+    if lora_problem:
+        problems.append(lora_problem)
     if backend == "hf":
         if tp > 1:
             problems.append(f"rollout.tensor_parallel_size = {tp} needs rollout.backend: vllm "
@@ -174,6 +233,9 @@ def plan_actors(cfg: JobConfig) -> ActorPlan:
         engine = f"vLLM on {device}" + (f", tensor parallel {tp} (one process per rank)" if tp > 1 else "")
         verify = (f"per-shard checksums over {tp} ranks" if tp > 1 else "whole-tensor checksums") + (
             "" if rollout_gpu else ", CPU kernels read back")
+        if lora_sync == "adapter":
+            engine += f", serving the LoRA adapter (vLLM LoRA, max rank {vllm_max_lora_rank(cfg.model.lora.rank)})"
+            verify = "the adapter read back from vLLM's LoRA layers, and a log-prob probe"
     where = f"; placed {r.placement}" + (f" on {dict(r.resources)}" if r.resources else "")
     if cfg.env.enabled:
         where += (f"; episodes of {cfg.env.class_spec} (up to {cfg.env.max_turns} turns, {cfg.max_total_tokens} tokens), "
@@ -197,7 +259,7 @@ def plan_actors(cfg: JobConfig) -> ActorPlan:
             f" on {dict(rc.resources)}" if rc.resources else "")
         actors += [ActorSpec(f"{role}-{i}", role, rc.num_cpus, rc.num_gpus, path) for i in range(rc.num_ranks)]
 
-    if cfg.algorithm.needs_reference:  # no KL (kl_coef 0, fixed controller): no reference to run
+    if cfg.algorithm.needs_reference and not lora_reference(cfg):  # no KL: no reference; LoRA: the policy serves it
         ref_device = "cuda" if _gpu(srv.reference_num_gpus) else "cpu"
         actors.append(ActorSpec("reference", "reference", srv.reference_num_cpus, srv.reference_num_gpus,
                                 f"frozen {cfg.model.reference or cfg.model.policy} on {ref_device}, forward only"))
@@ -224,6 +286,11 @@ def plan_actors(cfg: JobConfig) -> ActorPlan:
         sync = f"collective: {'nccl' if policy_gpu else 'gloo'} broadcast from policy rank 0"
     else:
         sync = "object_store: buckets stored once in Ray's object store, read by every worker"
+    if lora_sync == "adapter":
+        sync += (f"; LoRA adapter only (rank {cfg.model.lora.rank}) into vLLM's LoRA slots, a new adapter per version, "
+                 "verified by reading it back and by engine/trainer log-probs on a probe")
+    elif lora_sync == "merged":
+        sync += "; full weights with the LoRA adapter merged in"
     every = cfg.schedule.verify_sync_every
     sync += f"; verified at the first sync and every {every}" if every else "; not verified"
     k = cfg.schedule.max_staleness

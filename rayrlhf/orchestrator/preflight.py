@@ -22,7 +22,7 @@ from rayrlhf.errors import InvalidInput
 from rayrlhf.models.loading import load_tokenizer, same_tokenizer
 from rayrlhf.models.tiny import resolve_model_path
 from rayrlhf.orchestrator.episodes import TRANSCRIPT
-from rayrlhf.orchestrator.plan import ActorPlan, check_plan, resolve_backend
+from rayrlhf.orchestrator.plan import ActorPlan, check_plan, resolve_backend, resolve_lora_sync
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,35 @@ def _model(cfg: JobConfig, key: str, name: str, cache: Path) -> str:
     from transformers import AutoConfig
 
     path = resolve_model_path(name, cache, cfg.seed)
+    refuse_adapter_dir(key, path)
     try:
         AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError, hub errors: all mean "cannot load it"
         raise InvalidInput(f"{key}: cannot load a model config from {name!r} ({type(exc).__name__}: {exc})") from None
     return path
+
+
+def refuse_adapter_dir(key: str, path: str) -> None:
+    """A LoRA run's final/ (a peft adapter, no model of its own) is not a model to start from: say how to get one."""
+    folder = Path(path)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        run = folder.parent if folder.name == "final" else folder
+        raise InvalidInput(
+            f"{key}: {path} holds a LoRA adapter, not a model; merge it into its base first with `rayrlhf export {run} "
+            f"--merge` and use {run / 'merged'}"
+        )
+
+
+def check_lora_targets(cfg: JobConfig, path: str, role: str = "policy") -> None:
+    """Every name in model.lora.target_modules is a linear layer of the model (checked on its meta-device copy)."""
+    from rayrlhf.models.lora import meta_model, target_module_names
+
+    lora = cfg.model.lora
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
+    try:
+        target_module_names(meta_model(path, cfg.model.trust_remote_code, role), targets)
+    except ValueError as exc:
+        raise InvalidInput(f"{exc} (model {path})") from None
 
 
 def preflight(cfg: JobConfig) -> Checked:
@@ -62,6 +86,9 @@ def preflight(cfg: JobConfig) -> Checked:
     cfg.rollout.backend = resolve_backend(cfg)  # `auto` decided once: config.yaml, the workers and metrics show it
     cache = Path(cfg.output_dir) / ".models"
     policy = _model(cfg, "model.policy", cfg.model.policy, cache)
+    if cfg.model.lora is not None:
+        cfg.model.lora.sync = resolve_lora_sync(cfg, cfg.rollout.backend)[0]  # like the backend: decided once
+        check_lora_targets(cfg, policy)
     try:
         tokenizer = load_tokenizer(policy, cfg.model.trust_remote_code)
     except Exception as exc:  # noqa: BLE001

@@ -29,6 +29,8 @@ from rayrlhf.config import JobConfig
 from rayrlhf.errors import WorkersLost
 from rayrlhf.models.forward import pack_batch
 from rayrlhf.orchestrator.faults import FaultCounters, FaultPolicy, Restartable, ServerCaller
+from rayrlhf.orchestrator.lora_sync import probe_atol, probe_ids, verify_adapter_logprobs
+from rayrlhf.orchestrator.plan import lora_reference
 from rayrlhf.orchestrator.preflight import Checked
 from rayrlhf.orchestrator.workers import WorkerPool
 
@@ -92,6 +94,8 @@ class System:
         self._fn_restarts: dict[str, tuple[int, int]] = {}  # reward server -> (incarnation, restarts seen)
         self.policy_path = checked.policy
         self.tokenizer = checked.tokenizer
+        # LoRA: the reference is the policy with its adapter off, computed by the policy group (no reference actor)
+        self.reference_in_policy = lora_reference(cfg)
         self.recompute_old_logp = old_logprobs_mode(cfg) == "recompute"
         # Weights travel in the engines' dtype, as the engines resolved it on their nodes (`_start` asks them);
         # checksums compare the same bytes on both sides.
@@ -213,6 +217,8 @@ class System:
 
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="server") as calls:  # both servers at once
             ref_logp = calls.submit(self._ask, "reference", ask_reference) if self.reference is not None else None
+            if self.reference_in_policy:
+                ref_logp = calls.submit(self.reference_logprobs, batch)
             scores = calls.submit(self.score_reward, completions, prompts_and_columns, batch)
             out = self.trainer_outputs(batch) if trainer_side else {}
             return {"ref_logp": ref_logp.result() if ref_logp is not None else None, **scores.result(), **out}
@@ -222,6 +228,17 @@ class System:
         masks = [c.loss_mask for c in completions] if any(c.loss_mask is not None for c in completions) else None
         return pack_batch([c.prompt_ids for c in completions], [c.response_ids for c in completions],
                           self.tokenizer.pad_token_id, masks=masks)
+
+    @property
+    def policy_lock(self) -> threading.Lock:
+        """Held for every call into the policy group (its ranks must see calls in one order): scoring threads ask
+        it for old and (LoRA) reference log-probs while the loop trains and syncs it."""
+        return self._policy_lock
+
+    def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Reference log-probs from the LoRA policy group with its adapter switched off (plan: no reference actor)."""
+        with self._policy_lock:
+            return self.policy.forward_logprobs(batch, adapter=False)["logp"]
 
     def trainer_outputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         """The trainers' view of finished samples under their current weights: the policy's log-probs
@@ -322,6 +339,14 @@ class System:
             self._retained = (version, self.policy.weight_layout(self.sync_dtype)[1], result.buckets)
         if verify and result.synced:
             bad = verify_weights(self.policy, [workers[k] for k in result.synced], self.sync_dtype, timeout_s=timeout)
+            for k in sorted(bad, reverse=True):
+                result.failed[result.synced[k]] = bad[k]
+            result.synced = [k for k in result.synced if k not in result.failed]
+        if verify and result.synced and self.policy.syncs_adapter:  # what the engines compute with the adapter
+            atol = probe_atol(self.cfg.model.lora.probe_atol, self.sync_dtype)
+            ids = probe_ids(self.checked.train.prompt_ids[:16], min(64, self.cfg.data.max_prompt_tokens))
+            bad = verify_adapter_logprobs(self.policy, [workers[k] for k in result.synced], ids,
+                                          self.tokenizer.pad_token_id, atol, version, timeout)
             for k in sorted(bad, reverse=True):
                 result.failed[result.synced[k]] = bad[k]
             result.synced = [k for k in result.synced if k not in result.failed]
