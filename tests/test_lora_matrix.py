@@ -1,11 +1,13 @@
-"""GRPO and PPO with a LoRA policy on every row of the architecture matrix, the sync verified at every step.
+"""GRPO with a LoRA policy on every row of the architecture matrix, PPO on a dense and a MoE row, the sync verified
+at every step.
 
 Each case is a real 2-step job (Ray, vLLM on CPU, DeepSpeed) on the row's tiny model. Dense rows sync the
 adapter into vLLM's LoRA slots, checked each step by reading it back from vLLM's LoRA layers and by the
 engine/trainer log-prob probe; mixture-of-experts rows sync the merged weights (vLLM's CPU build has no
 LoRA kernels for MoE layers), checked by the usual per-tensor checksums. Both sample with the trainer's
 distribution: the engine/trainer log-prob gap on the sampled tokens stays at float32 round-off.
-The two jobs of a row share the row's model files (built once) and the session's Ray instance.
+The jobs share the rows' model files (built once) and the session's Ray instance. PPO adds a LoRA critic to the
+same sync path, so it runs on one dense and one mixture-of-experts row (`bench/architecture_jobs.py` runs the rest).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ CONFIGS = ROOT / "cluster_configs" / "local-cpu"
 COMMON = ("schedule.steps=2", "checkpoint.every=0", "data.eval=null", "schedule.verify_sync_every=1", "rollout.backend=vllm",
           "rollout.dtype=float32", "model.lora.rank=8", "schedule.prompts_per_step=4", "trainer.mini_batch_size=null")
 ALGOS = {"grpo": ("algorithm.group_size=4",), "ppo": ("trainer.mini_batch_size=2",)}
-CASES = [(name, algo) for name in MATRIX for algo in ALGOS]
+PPO_ROWS = ("qwen2", "mixtral")
+CASES = [(name, "grpo") for name in MATRIX] + [(name, "ppo") for name in PPO_ROWS]
 
 
 @pytest.fixture(scope="module")
