@@ -312,7 +312,7 @@ def test_cpu_valued_keys_are_named_on_a_gpu_cluster() -> None:
 
 
 def test_offload_moves_the_optimizer_state_to_the_host_and_the_host_is_checked() -> None:
-    # Qwen2.5-32B on one node of 8: the README table's layout (2 ranks, ZeRO-3, everything offloaded)
+    # Qwen2.5-32B on one node of 8, 2 ranks, ZeRO-3, everything offloaded (docs/memory.md's table offloads the optimizer only)
     cfg = load_config(GPU_1X8, [
         f"model.policy={QWEN['32b']}", "trainer.zero_stage=3", "trainer.offload=all", "trainer.policy.num_ranks=2",
         "rollout.tensor_parallel_size=4", "rollout.num_gpus=4", "rollout.num_workers=1", "servers.micro_batch_size=2"])
