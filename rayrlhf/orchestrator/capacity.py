@@ -14,8 +14,8 @@ Trainer rank (DeepSpeed ZeRO stage s over R ranks, N parameters, AdamW):
   1e9-element sub-group). ZeRO-Offload moves master, m, v (and at s≥2 the gradient partition) to
   the host. Activations per token per decoder layer: `layer_activation_bytes`; with gradient
   checkpointing only each layer's input (h·d) is kept and one layer is recomputed at a time. The
-  policy's log-probs (models/forward.py) keep, for autograd, the float32 copy of every logits
-  chunk: (4 + 2d)·rows·T·V bytes at the start of backward.
+  policy's logits (rows·T·V·d, and their gradient in backward) plus the float32 work of one
+  log-softmax block (models/forward.py recomputes each block in backward: `logits_bytes`).
   Peak = max(forward/backward, optimizer step), each the sum of what is alive then.
 vLLM engine (per GPU of tensor parallel size TP): weights N·d/TP, KV cache layers·2·kv_heads/TP
   ·head_dim·d per token for the sequences decoded at once, a profile-run activation reserve, the
