@@ -93,6 +93,7 @@ def test_losing_a_node_mid_job_loses_nothing(tmp_path: Path) -> None:
         finally:
             if job.poll() is None:
                 job.kill()
+        (tmp_path / "job.log").write_text(output)  # kept for a failure below
         assert job.returncode == 0, output[-6000:]
     rows = read_metrics(metrics)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
