@@ -96,6 +96,7 @@ def test_fill_step_refills_until_the_step_is_full_and_keeps_the_first_informativ
     assert m["rollout/informative_frac"] == 1.0
     drawn = [1, 1, 0, 0, .3, 0, 1, 0, 0, .5, .5, 1, 0, .2, .1, 0, 1]
     assert m["rollout/drawn_reward_mean"] == pytest.approx(sum(drawn) / len(drawn))
+    assert m["rollout/drawn_samples"] == 18 and m["rollout/drawn_failed"] == 1  # the failed budget sees every round
     assert filled.rollout_s == pytest.approx(3.0) and filled.wait_s == pytest.approx(1.0)
     assert filled.timings.gen_start == 0.0 and filled.timings.gen_end == 21.0 and len(filled.timings.score_intervals) == 3
 
@@ -151,3 +152,13 @@ def test_config_checks() -> None:
                                     "schedule": {"prompts_per_step": 3},
                                     "algorithm": {"name": "ppo", "group_size": 2, "dynamic_sampling": True}})
     assert whole_groups_unit(ppo) == 3  # the critic's ranks count too
+
+
+def test_the_failure_budget_counts_the_dropped_groups_too() -> None:
+    """Groups whose samples could not be scored have no signal and are dropped; their failures still count."""
+    from rayrlhf.orchestrator.faults import FailureBudget
+
+    row = {"step": 1, "reward/failed": 0, "rollout/samples": 16, "rollout/drawn_samples": 48, "rollout/drawn_failed": 30}
+    message = FailureBudget(max_frac=0.5, window=1).over(row)
+    assert message and "30 of 48 samples" in message
+    assert FailureBudget(0.5, 1).over({**row, "rollout/drawn_failed": 20}) is None

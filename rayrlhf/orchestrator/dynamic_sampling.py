@@ -124,7 +124,8 @@ def fill_step(cfg: JobConfig, scored: Scored, timings: RolloutTimings, wait_s: f
         informative, drawn = informative_positions(chunks, group_size)
     kept = informative[:want]
     kept = kept[: len(kept) - len(kept) % whole_groups_unit(cfg)]
-    every = [v for group in raw_scores(chunks).values() for v in group.values() if v is not None]
+    drawn_scores = [v for group in raw_scores(chunks).values() for v in group.values()]
+    every = [v for v in drawn_scores if v is not None]
     metrics = {
         "rollout/gen_rounds": len(rounds),
         "rollout/drawn_groups": len(drawn),
@@ -132,6 +133,8 @@ def fill_step(cfg: JobConfig, scored: Scored, timings: RolloutTimings, wait_s: f
         "rollout/kept_groups": len(kept),
         "rollout/informative_frac": len(kept) / want,  # < 1: the rounds ran out, the step trains short
         "rollout/drawn_reward_mean": sum(every) / len(every) if every else math.nan,  # every round, kept or not
+        "rollout/drawn_samples": len(drawn_scores),
+        "rollout/drawn_failed": len(drawn_scores) - len(every),  # unscored: what faults.max_failed_frac counts
     }
     merged = RolloutTimings(rounds[0].gen_start, rounds[-1].gen_end, [i for t in rounds for i in t.score_intervals])
     rollout_s = sum(t.gen_end - t.gen_start for t in rounds)
