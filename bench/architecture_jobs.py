@@ -7,7 +7,7 @@ steps on the local sort prompts (`alphabet_reward`, which a random model learns)
 `schedule.verify_sync_every=1`, generating with vLLM. It reports each job's s/step (median after the first step) and
 whether it finished; the baseline of the JSON line is the number of jobs run.
 
-With `--lora RANK` the policy (and the critic) train a LoRA adapter: dense rows sync the adapter into vLLM's
+With `--lora RANK` the policy trains a LoRA adapter (a PPO critic trains whole): dense rows sync the adapter into vLLM's
 LoRA slots, mixture-of-experts rows the merged weights (`tests/test_lora_matrix.py` runs GRPO on every row, PPO
 on two).
 

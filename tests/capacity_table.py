@@ -1,4 +1,4 @@
-"""The README's sizing table: GRPO on Qwen2.5-7B/32B/72B shapes over 8, 64 and 512 GPUs of 80 GB, by the planner.
+"""docs/memory.md's sizing table: GRPO on Qwen2.5-7B/32B/72B shapes over 8, 64 and 512 GPUs of 80 GB, by the planner.
 
     python tests/capacity_table.py        # prints the markdown table
 

@@ -64,6 +64,44 @@ def test_parameter_count_equals_transformers_for_every_architecture_row(row: str
     assert model_shape(f"tiny:{row}").num_params == torch_param_count(config)
 
 
+@pytest.mark.parametrize("row", ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "qwen3-moe", "mixtral"])
+def test_lora_adapter_size_equals_peft_on_every_row(row: str) -> None:
+    """The planner's adapter size against the parameters peft really adds (all-linear, rank 8, on the meta model).
+    Phi-3 fuses q/k/v and gate/up in one layer each: the planner, counting them apart, may only overestimate."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rayrlhf.models.lora import LoraSpec, apply_lora
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**model_config(f"tiny:{row}")))
+    peft = apply_lora(model, LoraSpec(rank=8))
+    added = sum(p.numel() for p in peft.parameters() if p.requires_grad)
+    planned = model_shape(f"tiny:{row}").lora_params(8)
+    assert planned == added if row != "phi3" else added <= planned <= 2 * added, (planned, added)
+    attention_only = model_shape(f"tiny:{row}").lora_params(8, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    if row != "phi3":
+        peft = apply_lora(AutoModelForCausalLM.from_config(AutoConfig.for_model(**model_config(f"tiny:{row}"))),
+                          LoraSpec(rank=8, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")))
+        assert attention_only == sum(p.numel() for p in peft.parameters() if p.requires_grad)
+
+
+def test_lora_plan_keeps_the_weights_and_shrinks_the_optimizer_side() -> None:
+    """A LoRA policy holds the whole model's weights but gradients, masters and Adam states of the adapter only."""
+    full = check_capacity(load_config(GPU_1X8), ONE_BY_EIGHT)
+    lora = check_capacity(load_config(GPU_1X8, ["model.lora.rank=16"]), ONE_BY_EIGHT)
+    policy = {r: next(a.estimate for a in rep.actors if a.spec.name == "policy-0") for r, rep in (("full", full), ("lora", lora))}
+    shape = full.models["model.policy"]
+    adapter = shape.lora_params(16)
+    ranks = load_config(GPU_1X8).trainer.policy.num_ranks
+    assert policy["lora"].terms["adam m+v"] == pytest.approx(8 * adapter / ranks)
+    assert policy["lora"].terms["weights"] >= policy["full"].terms["weights"]  # base + adapter
+    assert policy["lora"].peak < policy["full"].peak - policy["full"].terms["adam m+v"] / 2
+    critic_free = [a.spec.name for a in lora.actors if a.spec.role == "critic"]
+    assert not critic_free  # grpo: no critic; the reference is the policy with its adapter off
+    assert "reference" not in {a.spec.role for a in lora.actors}
+
+
 @pytest.mark.parametrize("size, params, kv_per_token", [
     ("7b", 7_615_616_512, 28 * 2 * 4 * 128 * 2),  # layers x (k, v) x kv heads x head_dim x bf16
     ("32b", 32_763_876_352, 64 * 2 * 8 * 128 * 2),
@@ -312,7 +350,7 @@ def test_cpu_valued_keys_are_named_on_a_gpu_cluster() -> None:
 
 
 def test_offload_moves_the_optimizer_state_to_the_host_and_the_host_is_checked() -> None:
-    # Qwen2.5-32B on one node of 8: the README table's layout (2 ranks, ZeRO-3, everything offloaded)
+    # Qwen2.5-32B on one node of 8, 2 ranks, ZeRO-3, everything offloaded (docs/memory.md's table offloads the optimizer only)
     cfg = load_config(GPU_1X8, [
         f"model.policy={QWEN['32b']}", "trainer.zero_stage=3", "trainer.offload=all", "trainer.policy.num_ranks=2",
         "rollout.tensor_parallel_size=4", "rollout.num_gpus=4", "rollout.num_workers=1", "servers.micro_batch_size=2"])

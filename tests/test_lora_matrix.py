@@ -6,8 +6,8 @@ adapter into vLLM's LoRA slots, checked each step by reading it back from vLLM's
 engine/trainer log-prob probe; mixture-of-experts rows sync the merged weights (vLLM's CPU build has no
 LoRA kernels for MoE layers), checked by the usual per-tensor checksums. Both sample with the trainer's
 distribution: the engine/trainer log-prob gap on the sampled tokens stays at float32 round-off.
-The jobs share the rows' model files (built once) and the session's Ray instance. PPO adds a LoRA critic to the
-same sync path, so it runs on one dense and one mixture-of-experts row (`bench/architecture_jobs.py` runs the rest).
+The jobs share the rows' model files (built once) and the session's Ray instance. PPO (whose critic trains whole) adds
+the critic's path to the same sync, so it runs on one dense and one mixture-of-experts row (`bench/architecture_jobs.py` runs the rest).
 """
 
 from __future__ import annotations

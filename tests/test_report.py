@@ -351,9 +351,17 @@ def test_faults_are_drawn_as_steps(tmp_path: Path) -> None:
     (1, 4, True, [1, 2, 3, 4]),
     (3, 3, True, [2, 3, 4]),  # one step: a unit either side
     (0.5, 0.5, False, [0.45, 0.475, 0.5, 0.525, 0.55]),  # one value: ±10%
+    (3.9e-14, 4.1e-14, False, [3.9e-14, 3.95e-14, 4.0e-14, 4.05e-14, 4.1e-14]),  # a KL at float round-off
 ])
 def test_nice_ticks(lo: float, hi: float, integer: bool, expected: list[float]) -> None:
-    assert nice_ticks(lo, hi, 5 if not integer else 6, integer=integer) == pytest.approx(expected)
+    assert nice_ticks(lo, hi, 5 if not integer else 6, integer=integer) == pytest.approx(expected, rel=1e-9, abs=0)
+
+
+def test_a_curve_at_float_round_off_draws(tmp_path: Path) -> None:
+    """A 2-step run whose KL stays near 4e-14 (a fresh policy) once made the y axis zero-height."""
+    write_jsonl(tmp_path / "metrics.jsonl", [{"step": s, "reward/mean": 0.1 * s, "kl/mean": 4e-14 + s * 1e-16}
+                                             for s in (1, 2)])
+    assert "kl/mean" in render_report(tmp_path)
 
 
 @pytest.mark.parametrize(("ticks", "expected"), [

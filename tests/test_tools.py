@@ -347,7 +347,7 @@ def test_python_tool_through_the_tool_env() -> None:
 
 
 def test_failures_do_not_leak_between_module_and_envfailure_types() -> None:
-    # a guard that the public names stay importable where the README says
+    # a guard that the public names stay importable where docs/agents.md says
     from rayrlhf.envs.tools import python
 
     assert python.__name__ == "python" and issubclass(EnvFailure, Exception)

@@ -28,7 +28,7 @@ def check_env(env: Any, sample_row: dict) -> None:
     for method in ("reset", "step"):
         if not callable(getattr(cls, method, None)):
             raise InvalidInput(f"env.class {spec!r}: {cls.__name__} has no {method}() method; an environment needs "
-                               "reset(row) and step(action) (docs: README, Environments)")
+                               "reset(row) and step(action) (docs/agents.md)")
     if getattr(cls, "close", None) is not None and not callable(cls.close):
         raise InvalidInput(f"env.class {spec!r}: {cls.__name__}.close is not a method")
     if env.tools:

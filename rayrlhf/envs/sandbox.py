@@ -5,7 +5,7 @@ Each run gets a new `python -I` process in an empty temporary directory, with an
 open files, processes), a wall-clock timeout that kills its whole process group, output cut to a
 bound and, where the kernel allows unprivileged namespaces, no network and no view of other
 processes (`unshare -rnpf --mount-proc`: new user, network, PID and mount namespaces).
-What this does not protect against is written in the README ("The python tool's sandbox"): it
+What this does not protect against is written in docs/agents.md ("Tools"): it
 is a guard against accidents and runaway code, not a security boundary.
 """
 

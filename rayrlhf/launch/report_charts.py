@@ -66,7 +66,8 @@ def nice_ticks(lo: float, hi: float, count: int = 5, integer: bool = False) -> l
         step = max(1.0, float(round(step)))
     start, stop = math.floor(lo / step + 1e-9) * step, math.ceil(hi / step - 1e-9) * step
     n = int(round((stop - start) / step))
-    return [round(start + i * step, 12) for i in range(n + 1)]
+    digits = max(0, 3 - math.floor(math.log10(step)))  # float noise off, at any scale (a KL of 4e-14 included)
+    return [round(start + i * step, digits) for i in range(n + 1)]
 
 
 def _sci(value: float, digits: int) -> str:

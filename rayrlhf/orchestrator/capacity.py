@@ -14,8 +14,8 @@ Trainer rank (DeepSpeed ZeRO stage s over R ranks, N parameters, AdamW):
   1e9-element sub-group). ZeRO-Offload moves master, m, v (and at s≥2 the gradient partition) to
   the host. Activations per token per decoder layer: `layer_activation_bytes`; with gradient
   checkpointing only each layer's input (h·d) is kept and one layer is recomputed at a time. The
-  policy's log-probs (models/forward.py) keep, for autograd, the float32 copy of every logits
-  chunk: (4 + 2d)·rows·T·V bytes at the start of backward.
+  policy's logits (rows·T·V·d, and their gradient in backward) plus the float32 work of one
+  log-softmax block (models/forward.py recomputes each block in backward: `logits_bytes`).
   Peak = max(forward/backward, optimizer step), each the sum of what is alive then.
 vLLM engine (per GPU of tensor parallel size TP): weights N·d/TP, KV cache layers·2·kv_heads/TP
   ·head_dim·d per token for the sequences decoded at once, a profile-run activation reserve, the
@@ -148,6 +148,28 @@ class ModelShape:
         layers = self.moe_layers * self.layer_params(True) + (self.layers - self.moe_layers) * self.layer_params(False)
         return layers + self.embedding_params * (1 if self.tied else 2) + self.hidden
 
+    def lora_params(self, rank: int, targets: tuple[str, ...] | None = None) -> int:
+        """Parameters of a LoRA adapter of `rank` (A and B of each targeted linear layer: rank·(in + out)).
+        `targets` None is all-linear: every decoder linear layer but the routed experts (fused 3-D weights,
+        which peft leaves frozen); names the planner does not know count as all-linear (an upper bound)."""
+        h, q, kv, r = self.hidden, self.q_width, self.kv_width, rank
+
+        def mlp(width: int) -> dict[str, int]:
+            return {"gate_proj": r * (h + width), "up_proj": r * (h + width), "down_proj": r * (width + h),
+                    "gate_up_proj": r * (h + 2 * width)}
+
+        attention = {"q_proj": r * (h + q), "k_proj": r * (h + kv), "v_proj": r * (h + kv), "o_proj": r * (q + h),
+                     "qkv_proj": r * (h + q + 2 * kv)}
+        dense, shared = mlp(self.intermediate), mlp(self.shared_expert_intermediate)
+        full = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        names = full if targets is None or not set(targets) <= {*attention, *dense} else targets
+
+        def layer(moe: bool) -> int:
+            widths = (shared if self.shared_expert_intermediate else {}) if moe else dense
+            return sum(attention.get(name, 0) + widths.get(name, 0) for name in names)
+
+        return self.moe_layers * layer(True) + (self.layers - self.moe_layers) * layer(False)
+
     @property
     def zero3_gathered_params(self) -> int:
         """Parameters a ZeRO-3 rank holds gathered: DeepSpeed keeps a gathered parameter until its reuse when
@@ -265,18 +287,28 @@ class TrainerSetup:
     logits: bool  # the policy computes log-probs; a critic / reward model reads a 1-wide head
     cuda: bool  # GPU: buffers count whole, plus the CUDA context
     offload: str = "none"  # none | optimizer | all: ZeRO-Offload to host memory
+    lora_rank: int = 0  # model.lora on this model: only the adapter has gradients and optimizer state
+    lora_targets: tuple[str, ...] | None = None  # None: all-linear
+
+    def trainable(self, s: ModelShape) -> int:
+        """Parameters with gradients and optimizer state: the whole model, or its LoRA adapter."""
+        return s.lora_params(self.lora_rank, self.lora_targets) if self.lora_rank else s.num_params
 
 
-def zero_state(n: int, s: ModelShape | None, t: TrainerSetup) -> dict[str, float]:
-    """Weights, master copy, Adam states, gradients and ZeRO buffers on one rank (bytes), by stage."""
+def zero_state(n: int, s: ModelShape | None, t: TrainerSetup, trainable: int | None = None) -> dict[str, float]:
+    """Weights, master copy, Adam states, gradients and ZeRO buffers on one rank (bytes), by stage. `trainable`
+    (default: all `n`) is what has gradients and optimizer state; with LoRA the adapter's weights add to `n`."""
     r, st, d = t.ranks, t.stage, t.d
+    lora = trainable is not None and trainable != n
+    weights = n + trainable if lora else n
+    n = n if trainable is None else trainable
 
     def part(x: float) -> float:
         return x / r
 
     bucket = (REDUCE_BUCKET if t.cuda else min(REDUCE_BUCKET, n)) * d
     out: dict[str, float] = {}
-    out["weights"] = n * d if st < 3 else part(n * d)
+    out["weights"] = weights * d if st < 3 else part(weights * d)
     if st == 3 and s is not None:
         out["gathered weights"] = s.zero3_gathered_params * d
     if st == 0:
@@ -315,8 +347,8 @@ def host_trainer_bytes(n: int, t: TrainerSetup) -> float:
 
 def trainer_estimate(s: ModelShape, t: TrainerSetup) -> Estimate:
     """Peak memory of one trainer rank over one optimizer step in steady state (after the first step)."""
-    n, d = s.num_params, t.d
-    state = zero_state(n, s, t)
+    n, d = t.trainable(s), t.d
+    state = zero_state(s.num_params, s, t, trainable=n)
     tokens = t.rows * t.width
     layer = mean_layer_activation_bytes(s, d)
     final_norm = _norm_bytes(s.hidden, d) * tokens

@@ -166,9 +166,12 @@ def trainer_setup(cfg: JobConfig, role: str, gpu: bool) -> TrainerSetup:
     width = cfg.max_total_tokens if cfg.env.enabled else cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
     rows, passes = pass_rows(mini // rc.num_ranks, width, t.micro_batch_size, t.micro_batch_tokens)
     bf16 = t.bf16 if t.bf16 is not None else gpu
+    lora = cfg.model.lora if role != "critic" else None  # the critic trains whole (actors/trainer_group.py)
+    targets = None if lora is None or isinstance(lora.target_modules, str) else tuple(lora.target_modules)
     return TrainerSetup(ranks=rc.num_ranks, stage=t.stage_for(rc.num_ranks), d=2 if bf16 else 4, rows=rows, width=width,
                         response=width - cfg.data.max_prompt_tokens, passes=passes, checkpointing=t.gradient_checkpointing,
-                        logits=role == "policy", cuda=gpu, offload=t.offload)
+                        logits=role == "policy", cuda=gpu, offload=t.offload, lora_rank=lora.rank if lora else 0,
+                        lora_targets=targets)
 
 
 def rollout_sequences(cfg: JobConfig) -> int:
@@ -210,7 +213,7 @@ def actor_estimates(cfg: JobConfig, plan: ActorPlan,
             used[key] = s = shape(m.policy if spec.role == "policy" else str(m.critic))
             setup = trainer_setup(cfg, spec.role, gpu)
             est = trainer_estimate(s, setup)
-            host = host_trainer_bytes(s.num_params, setup)
+            host = host_trainer_bytes(setup.trainable(s), setup)
         elif spec.role == "reference":
             used["model.reference"] = s = shape(m.reference or m.policy)
             est = server_estimate(s, _bytes(m.dtype, gpu), srv.micro_batch_size, width, r.max_new_tokens, True, gpu)

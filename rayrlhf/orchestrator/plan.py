@@ -125,7 +125,7 @@ HF_BACKEND_MAX_BYTES = 1024**3  # rollout.backend auto: transformers generate be
 def resolve_backend(cfg: JobConfig) -> str:
     """rollout.backend with `auto` decided: vLLM on GPUs, with tensor parallelism, for a hub model (its size is
     unknown here) or one of 1 GB and more, and for layouts the transformers engine cannot update; transformers
-    generate for a smaller local model on CPU, where its lower per-step overhead wins (measured: README).
+    generate for a smaller local model on CPU, where its lower per-step overhead wins (measured: docs/performance.md).
     Without vLLM installed, auto is transformers generate (`plan_actors` refuses what it cannot take)."""
     r = cfg.rollout
     if r.backend != "auto":
