@@ -130,7 +130,8 @@ class Head:
                "--max-worker-port=0"]
         log_path = self.temp_dir / f"node-{len(self.nodes)}.log"
         with log_path.open("w") as log_fh:
-            node = subprocess.Popen(cmd, env=self.node_env, stdout=log_fh, stderr=subprocess.STDOUT, start_new_session=True)
+            node = subprocess.Popen(cmd, env=self.node_env, stdout=log_fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                    cwd=self.temp_dir)  # started elsewhere: actors there do not share the job's directory
         self.nodes.append(node)
         return node
 

@@ -270,3 +270,22 @@ def test_seeded_evaluation_subset_is_fixed_and_spread_over_the_file(tmp_path: Pa
     assert eval_prompts(data, other) != picked
     assert eval_max_new_tokens(first) == 64
     assert eval_max_new_tokens(load_config(write(tmp_path, GRPO), ["schedule.eval_max_new_tokens=9"])) == 9
+
+
+def test_relative_paths_are_anchored_where_the_job_starts(tmp_path: Path) -> None:
+    """Actors run elsewhere on a `ray start` cluster: local paths become absolute, names that are not paths stay."""
+    from rayrlhf.config.paths import anchor_paths
+
+    (tmp_path / "r.py").write_text("def fn(prompts, responses, **_):\n    return [0.0] * len(prompts)\n")
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a"}\n')
+    (tmp_path / "sft").mkdir()
+    cfg = load_config(None, ["output_dir=runs/x", "model.policy=sft", "model.reference=Qwen/Qwen2.5-0.5B",
+                             "data.train=train.jsonl", "data.eval=gsm8k:main@test", "reward.function=r.py:fn",
+                             "reward.eval_function=rayrlhf.rewards.tasks:sort_reward", "env.class=r.py:fn"])
+    anchor_paths(cfg, tmp_path)
+    assert cfg.output_dir == str(tmp_path / "runs" / "x")  # need not exist yet
+    assert cfg.model.policy == str(tmp_path / "sft") and cfg.model.reference == "Qwen/Qwen2.5-0.5B"
+    assert cfg.data.train == str(tmp_path / "train.jsonl") and cfg.data.eval == "gsm8k:main@test"
+    assert cfg.reward.function == f"{tmp_path / 'r.py'}:fn" and cfg.env.class_ == f"{tmp_path / 'r.py'}:fn"
+    assert cfg.reward.eval_function == "rayrlhf.rewards.tasks:sort_reward"
+    assert anchor_paths(cfg, tmp_path / "elsewhere").model.policy == str(tmp_path / "sft")  # idempotent

@@ -225,3 +225,31 @@ def test_two_threads_that_see_one_server_die_count_one_restart_and_both_get_answ
         t.join(timeout=180)
     assert answers == {1: 2, 2: 4}
     assert policy.counters.server_restarts == 1 and caller.server.incarnation == 1
+
+
+def test_a_worker_restarted_by_ray_while_idle_is_noticed_before_the_sync_and_rejoins(
+    ray_local: None, tmp_path: Path
+) -> None:
+    """Before: a node lost between two calls had its rollout worker restarted by Ray on another node; the next
+    sync reached the new process and no counter ever said a worker was lost (seen in tests/test_nodes.py)."""
+    import ray
+
+    from rayrlhf.orchestrator.workers import WorkerPool
+
+    actors = [_server_class().remote() for _ in range(2)]
+    pool = WorkerPool(actors, _policy(tmp_path))
+    assert pool.notice_replaced(30) == []  # nothing changed: nothing to do
+    os.kill(pool.actors[1].ident[1], signal.SIGKILL)  # while idle: Ray restarts it, no call of ours fails
+    deadline = time.monotonic() + 120
+    while True:
+        assert time.monotonic() < deadline
+        try:
+            if tuple(ray.get(actors[1].identity.remote())) != pool.actors[1].ident:
+                break
+        except ray.exceptions.RayActorError:  # restarting
+            pass
+        time.sleep(0.2)
+    assert pool.notice_replaced(30) == [1] and pool.live == [0]
+    assert pool.back(120) == [1]  # its new process answers: it rejoins after the caller's verified sync
+    pool.rejoin(1)
+    assert pool.live == [0, 1] and pool.counters.worker_failures == 1 and pool.counters.worker_restarts == 1

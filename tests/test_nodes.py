@@ -7,6 +7,7 @@ finishes with every sample of every step trained once."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -69,12 +70,14 @@ def test_losing_a_node_mid_job_loses_nothing(tmp_path: Path) -> None:
                       "    return sort_reward(prompts, responses, answer)\n")
     with ray_cluster(tmp_path, head_cpus=0, env_extra=FAST_HEALTH) as head:
         nodes = {name: _join(head, name) for name in ("node_a", "node_b")}
+        # paths relative to the job's directory (ROOT), which the nodes' actors do not share: the driver anchors them
+        relative = {p: os.path.relpath(p, ROOT) for p in (out, reward)}
         cmd = [RAYRLHF, "train", str(ROOT / "cluster_configs/local-cpu/grpo.yaml"), "--address", head.gcs,
-               *[a for o in (f"output_dir={out}", "rollout.backend=hf", "rollout.num_workers=2", "rollout.placement=spread",
+               *[a for o in (f"output_dir={relative[out]}", "rollout.backend=hf", "rollout.num_workers=2", "rollout.placement=spread",
                              "rollout.num_cpus=1", "trainer.policy.num_ranks=2", "trainer.policy.placement=spread",
                              f"schedule.steps={steps}", f"schedule.prompts_per_step={prompts}",
                              f"algorithm.group_size={group}", "checkpoint.every=2", "rollout.dump_every=1", "data.eval=null",
-                             f"reward.function={reward}:reward", "rollout.micro_batch_size=32",
+                             f"reward.function={relative[reward]}:reward", "rollout.micro_batch_size=32",
                              "faults.restart_timeout_s=120")
                  for a in ("--set", o)]]
         env = {**head.env, "RAY_AUTH_MODE": "token"}

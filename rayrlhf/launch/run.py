@@ -16,8 +16,10 @@ def run_job(cfg: JobConfig, resume: bool = False, capacity_check: bool = True) -
     first checked against the cluster's GPUs and their memory (`capacity_check`)."""
     import ray
 
+    from rayrlhf.config.paths import anchor_paths
     from rayrlhf.orchestrator.run_dir import claim_output_dir
 
+    anchor_paths(cfg)  # actors do not share this working directory (a `ray start` cluster runs them elsewhere)
     claim_output_dir(cfg.output_dir, resume)  # before anything is written: never over another run's files
     offline = checked = None
     if not cfg.algorithm.is_online:

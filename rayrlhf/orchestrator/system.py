@@ -306,6 +306,7 @@ class System:
         pool, f = self.pool, self.cfg.faults
         with self._policy_lock:
             if only is None:
+                pool.notice_replaced(min(10.0, f.sync_timeout_s))  # restarted unseen while idle: rejoin, verified
                 joining = pool.back(0.0 if pool.live else f.restart_timeout_s)
                 targets = sorted({*pool.live, *joining})
             else:

@@ -101,6 +101,28 @@ class WorkerPool:
         self.counters.add("worker_failures")
         return True
 
+    def notice_replaced(self, timeout_s: float) -> list[int]:
+        """Workers in service whose process changed since we last saw it (Ray restarted it between two calls:
+        its process or its node was lost while it was idle). Each is taken out of service like any failure, so
+        it rejoins through a verified sync and both the failure and the restart are counted. One identity call
+        per worker, in parallel; a worker that does not answer within `timeout_s` is left to the usual checks."""
+        live = self.live
+        probes = {i: self.workers[i].identity.remote() for i in live}
+        ready, _ = ray.wait(list(probes.values()), num_returns=len(probes), timeout=timeout_s)
+        replaced = []
+        for i, probe in probes.items():
+            if probe not in ready:
+                continue
+            try:
+                ident = tuple(ray.get(probe))
+            except Exception as exc:  # noqa: BLE001 - died or unavailable: out of service like any failure
+                self.fail(i, f"before the weight sync: {type(exc).__name__}: {exc}"[:600], classify(exc))
+                continue
+            if ident != self.actors[i].ident and self.fail(i, "its process was replaced by Ray between calls (the process "
+                                                          "or its node was lost)", DIED):
+                replaced.append(i)
+        return replaced
+
     def back(self, timeout_s: float = 0.0) -> list[int]:
         """Restarted workers whose engine is up, waiting up to `timeout_s` for the first; they are not in
         service until `rejoin`. A worker past its restarts is reported lost (and stays out)."""
