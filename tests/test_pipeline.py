@@ -65,3 +65,27 @@ def test_launch_take_errors_and_in_flight_checkpoints_are_refused() -> None:
 def test_staleness_counts_versions_behind_the_weights_being_trained() -> None:
     assert staleness(5, [4, 3, 2]) == {"rollout/staleness_min": 0.0, "rollout/staleness_mean": 1.0,
                                        "rollout/staleness_max": 2.0}
+
+
+def test_a_refill_runs_after_the_launched_batches_on_the_one_thread_and_is_never_buffered() -> None:
+    """Dynamic sampling's extra rounds (`run`) queue behind the batches already launched: two rollouts never share
+    the workers, and a checkpoint taken afterwards holds only the launched batches."""
+    pipeline = RolloutPipeline()
+    release, order = threading.Event(), []
+
+    def launched() -> tuple[list, RolloutTimings]:
+        release.wait(10)
+        order.append(("launched", threading.current_thread().name))
+        return scored_batch(2)
+
+    def refill() -> tuple[list, RolloutTimings]:
+        order.append(("refill", threading.current_thread().name))
+        return scored_batch(1)
+
+    pipeline.launch(2, launched)
+    threading.Timer(0.2, release.set).start()
+    scored, _, waited = pipeline.run(refill)
+    assert [what for what, _ in order] == ["launched", "refill"] and order[0][1] == order[1][1]
+    assert waited >= 0.15 and scored[0][0][0].request_id == "s1-p0"
+    assert pipeline.launched == [2] and sorted(pipeline.state_dict()) == [2]
+    pipeline.close()

@@ -23,8 +23,8 @@ GPU_2X8 = ROOT / "cluster_configs" / "gpu-2x8"
 
 def test_every_job_config_under_cluster_configs_is_found() -> None:
     names = {str(p.relative_to(ROOT / "cluster_configs")) for p in JOB_CONFIGS}
-    assert {"gpu-2x8/ppo.yaml", "gpu-2x8/grpo.yaml", "gpu-1x8/grpo.yaml", "local-cpu/grpo.yaml", "local-cpu/ppo.yaml",
-            "local-cpu/sft.yaml"} <= names
+    assert {"gpu-2x8/ppo.yaml", "gpu-2x8/grpo.yaml", "gpu-1x8/grpo.yaml", "gpu-1x8/dapo.yaml", "local-cpu/grpo.yaml",
+            "local-cpu/ppo.yaml", "local-cpu/sft.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", JOB_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "cluster_configs")))
@@ -105,9 +105,24 @@ def test_offload_reaches_deepspeed_and_the_plan() -> None:
     assert deepspeed_config(trainer_settings(plain, "policy", total_steps=1), 1, bf16=False)["zero_optimization"] == {"stage": 0}
 
 
-def test_gpu_1x8_config_is_accepted_by_validate_and_plan() -> None:
-    config = str(ROOT / "cluster_configs" / "gpu-1x8" / "grpo.yaml")
+@pytest.mark.parametrize("name", ["grpo.yaml", "dapo.yaml", "agent_grpo.yaml"])
+def test_gpu_1x8_config_is_accepted_by_validate_and_plan(name: str) -> None:
+    config = str(ROOT / "cluster_configs" / "gpu-1x8" / name)
     for args in (["validate", config], ["plan", config, "--cluster", "nodes=1,gpus_per_node=8,gpu_mem_gib=80"]):
         done = subprocess.run([sys.executable, "-m", "rayrlhf.launch.cli", *args], capture_output=True, text=True,
                               cwd=ROOT, timeout=300)
         assert done.returncode == 0, done.stderr
+
+
+def test_the_dapo_recipe_is_dapo() -> None:
+    """clip-higher, token-level loss, dynamic sampling, overlong filter and soft penalty, no KL (so no reference
+    actor), accuracy plus a format term, and pass@k evaluation."""
+    cfg = load_config(ROOT / "cluster_configs" / "gpu-1x8" / "dapo.yaml")
+    a = cfg.algorithm
+    assert (a.name, a.clip_eps, a.clip_eps_high, a.loss_agg, a.kl_coef) == ("grpo", 0.2, 0.28, "token-mean", 0.0)
+    assert a.dynamic_sampling and a.max_gen_batches > 1 and a.group_size >= 8
+    assert a.overlong_filter and 0 < a.overlong_buffer < cfg.rollout.max_new_tokens and a.overlong_penalty_factor > 0
+    assert [f.function for f in cfg.reward.functions] == ["rayrlhf.rewards.math:accuracy", "rayrlhf.rewards.math:format"]
+    assert cfg.schedule.eval_samples > 1 and max(cfg.schedule.eval_pass_k) == cfg.schedule.eval_samples
+    plan = check_plan(cfg)
+    assert not plan.of("reference") and plan.total_gpus == 8

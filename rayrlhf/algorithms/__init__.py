@@ -7,6 +7,7 @@ any trainer actor.
 from .advantages import (
     gae,
     group_advantages,
+    informative_groups,
     reinforce_pp_advantages,
     reinforce_pp_returns,
     rloo_advantages,
@@ -50,6 +51,7 @@ __all__ = [
     "gae",
     "group_advantages",
     "gspo_policy_loss",
+    "informative_groups",
     "kl_estimate",
     "make_kl_controller",
     "masked_mean",

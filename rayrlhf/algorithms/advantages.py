@@ -18,6 +18,7 @@ __all__ = [
     "gae",
     "group_advantages",
     "rloo_advantages",
+    "informative_groups",
     "reinforce_pp_returns",
     "reinforce_pp_advantages",
 ]
@@ -150,6 +151,24 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     groups = _grouped(scores, group_size, 2, "rloo_advantages")
     others_mean = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
     return _zero_constant_groups(groups - others_mean, groups).reshape(-1)
+
+
+@torch.no_grad()
+def informative_groups(scores: torch.Tensor, valid: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Which prompt groups carry a learning signal, for DAPO's dynamic sampling (Yu et al. 2025): ``[B / group_size]``
+    booleans, True where at least two scored samples of the group have different scores.
+
+    A group whose scores are all equal gets exactly zero group-relative advantage (GRPO, RLOO), so it only
+    dilutes the batch. Unscored samples (``valid`` False, or a non-finite score) never make a group
+    informative: they are left out of the update and stand in for their group's mean, so a group with
+    one scored sample, or none, has no signal either. Scores are compared exactly (zero variance, not small).
+    """
+    groups = _grouped(scores, group_size, 1, "informative_groups")
+    ok = valid.reshape(-1, group_size).bool() & torch.isfinite(groups)
+    inf = torch.full_like(groups, float("inf"))
+    high = torch.where(ok, groups, -inf).amax(dim=1)
+    low = torch.where(ok, groups, inf).amin(dim=1)
+    return (ok.sum(dim=1) >= 2) & (high > low)
 
 
 @torch.no_grad()

@@ -65,6 +65,13 @@ class JobConfig(Section):
             )
         if algo.name in GROUP_ALGORITHMS and algo.group_size < 2:
             raise ValueError(f"algorithm.name={algo.name} needs algorithm.group_size >= 2 (got {algo.group_size})")
+        if algo.dynamic_sampling and not algo.is_online:
+            raise ValueError(f"algorithm.dynamic_sampling filters groups of online rollouts; algorithm.name={algo.name} is offline")
+        if algo.dynamic_sampling and algo.group_size < 2:
+            raise ValueError(
+                f"algorithm.dynamic_sampling keeps groups whose scores differ: it needs algorithm.group_size >= 2 "
+                f"(got {algo.group_size})"
+            )
         if algo.ptx_coef > 0 and self.data.pretrain is None:
             raise ValueError("algorithm.ptx_coef > 0 (PPO-ptx) needs data.pretrain")
         problem = precision_conflict(self.model.dtype, self.trainer.bf16)

@@ -214,6 +214,14 @@ class AlgorithmConfig(Section):
         "cost linearly up to overlong_penalty_factor; 0 disables."
     )
     overlong_penalty_factor: float = Field(1.0, ge=0, description="Largest soft overlong penalty (at and past the length limit).")
+    dynamic_sampling: bool = Field(
+        False, description="DAPO's dynamic sampling: drop prompt groups whose scores are all equal and draw more prompts "
+        "until the step has schedule.prompts_per_step informative groups (needs group_size >= 2)."
+    )
+    max_gen_batches: int = Field(
+        4, ge=1, description="Dynamic sampling: most generation rounds of prompts_per_step prompts per step; past it the "
+        "step trains on the informative groups it has (rollout/informative_frac < 1)."
+    )
     ptx_coef: float = Field(0.0, ge=0, description="PPO-ptx weight γ on the pretraining NLL (InstructGPT: 27.8); needs data.pretrain.")
     beta: float = Field(0.1, gt=0, description="DPO β.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO label smoothing (conservative DPO).")

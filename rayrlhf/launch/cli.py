@@ -82,6 +82,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a saved policy on a data file the way training evaluates (rayrlhf/launch/eval_policy.py)."""
+    from rayrlhf.launch.eval_policy import run_eval, table
+
+    out, result = run_eval(args.policy, args.data, args.config, args.overrides, args.output)
+    sys.stdout.write(table(result) + f"\nwritten to {out}\n")
+    return EXIT_OK
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit a job to a Ray cluster through the Jobs API (rayrlhf/launch/submit.py)."""
     from rayrlhf.launch.submit import SubmitError, run_submit
@@ -150,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base model")
     export.add_argument("--out", help="folder to write (default: OUTPUT_DIR/merged for final/, else OUTPUT_DIR/export/step_N)")
     export.set_defaults(func=cmd_export)
+    ev = sub.add_parser("eval", help="evaluate a run's final/ or checkpoint, or a model folder, on a data file")
+    ev.add_argument("policy", metavar="CHECKPOINT_OR_DIR",
+                    help="a run's output_dir (its final/, else its latest checkpoint), a checkpoint folder, a run's final/ "
+                    "or a Hugging Face model folder")
+    ev.add_argument("--data", required=True, help="prompts to evaluate on (jsonl/parquet, the columns the reward takes)")
+    ev.add_argument("--config", help="job config with the reward and decoding (default: the run's config.yaml)")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set schedule.eval_samples=8 (repeatable)")
+    ev.add_argument("--output", help="JSON file to write (default: OUTPUT_DIR/eval/<policy>-<data>.json)")
+    ev.set_defaults(func=cmd_eval)
     demo = sub.add_parser("demo", help="the whole InstructGPT pipeline (SFT -> reward model -> PPO) on a tiny local model")
     demo.add_argument("--output-dir", default="outputs/demo", help="where the stages and summary.json go (default: %(default)s)")
     for knob in ("sft_steps", "rm_steps", "ppo_steps", "n_train", "n_eval", "eval_samples", "seed"):  # shorter runs for tests

@@ -280,7 +280,10 @@ class FailureBudget:
     def over(self, row: dict[str, Any]) -> str | None:
         """Record a step's row; a message when the budget is exceeded, else None."""
         failed = int(sum(row.get(k, 0) or 0 for k in self.KEYS))
-        self._steps = [*self._steps, (int(row["step"]), failed, int(row.get("rollout/samples", 0)))][-self.window:]
+        samples = int(row.get("rollout/samples", 0))
+        if "rollout/drawn_samples" in row:  # dynamic sampling: every sample generated, the dropped groups' too
+            failed, samples = int(row["rollout/drawn_failed"]), int(row["rollout/drawn_samples"])
+        self._steps = [*self._steps, (int(row["step"]), failed, samples)][-self.window:]
         total = sum(n for _, _, n in self._steps)
         bad = sum(f for _, f, _ in self._steps)
         if total and bad / total > self.max_frac:

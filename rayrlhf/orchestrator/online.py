@@ -7,6 +7,8 @@
         rollouts  <- this step's samples (prompts_per_step rows of data.train, seeded order, resumable),
                      streamed from the workers; each finished micro-batch is scored at once:
                      reference log-probs, reward, and (on-policy) critic values and old log-probs
+        refill    <- (algorithm.dynamic_sampling) groups with all-equal scores dropped; more rows drawn and
+                     generated now until prompts_per_step groups differ (orchestrator/dynamic_sampling.py)
         trainers  <- (k >= 1) critic values and old log-probs under the weights that will train
         scores    <- clipped / normalised (reward.clip, reward.normalize)
         targets   <- KL to the reference, token rewards, advantages (GAE / group / RLOO / REINFORCE++)
@@ -38,6 +40,7 @@ from rayrlhf.config import ConfigError, JobConfig, to_yaml
 from rayrlhf.errors import FailureBudgetExceeded, Preempted, TrainerFailed, WorkersLost
 from rayrlhf.orchestrator.batch import assemble
 from rayrlhf.orchestrator.checkpoint import latest_checkpoint, load_rollouts, load_state, save_checkpoint
+from rayrlhf.orchestrator.dynamic_sampling import fill_step
 from rayrlhf.orchestrator.episodes import episode_spec, reward_inputs, stop_token_ids
 from rayrlhf.orchestrator.evaluation import evaluate
 from rayrlhf.orchestrator.experience import (
@@ -194,7 +197,15 @@ class OnlineRL:
         # 1-2. this step's samples, scored as they streamed in (launched k steps ago, or just now)
         self._updated = False
         scored, timings, wait_s = self.pipeline.take(self.step)
-        rollout_s = timings.gen_end - timings.gen_start
+        rollout_s, trains, sampling = timings.gen_end - timings.gen_start, True, {}
+        if algo.dynamic_sampling:  # only groups whose scores differ; more prompts drawn until the step is full
+            filled = fill_step(cfg, scored, timings, wait_s, self._refill)
+            scored, timings, wait_s, rollout_s, trains, sampling = (
+                filled.scored, filled.timings, filled.wait_s, filled.rollout_s, filled.train, filled.metrics)
+            if filled.metrics["rollout/informative_frac"] < 1:
+                log.warning("step %d: %d of %d prompt groups informative after algorithm.max_gen_batches = %d round(s)%s",
+                            self.step, filled.metrics["rollout/kept_groups"], cfg.schedule.prompts_per_step,
+                            algo.max_gen_batches, "" if trains else "; no update this step")
         exp = assemble(scored, self.tokenizer.pad_token_id)
         if stale:  # the critic's values and old log-probs of the weights about to train on them
             packed = {k: exp[k] for k in ("input_ids", "attention_mask", "position_ids", "mask")}
@@ -218,7 +229,7 @@ class OnlineRL:
         # 4. policy (and critic) updates
         t0 = time.monotonic()
         self._updated = True
-        train_metrics = self._update(exp, adv)
+        train_metrics = self._update(exp, adv) if trains else {}
         train_s = time.monotonic() - t0
 
         # 5. weight sync to every rollout worker, once no rollout is in flight
@@ -237,6 +248,7 @@ class OnlineRL:
         self.kl_ctl.update(*controller_kl(adv.kl, exp["mask"], exp["valid"]))
         row = self._metrics_row(exp, adv, kl_coef, train_metrics, timings, rollout_s, train_s, sync_s, t_step)
         row["timing/rollout_wait_s"] = wait_s
+        row.update(sampling)
         if not self.comparable_logprobs and verify and self._lost is None:  # engine vs trainer on fresh weights
             row.update(self.system.probe_mismatch(*exp["probe"]))
         return row
@@ -248,22 +260,34 @@ class OnlineRL:
         for step in range(max([self.step, *self.pipeline.launched]) + 1, last + 1):
             self._data_before = {s: v for s, v in self._data_before.items() if s > self.step} | {step: self.data.state_dict()}
             indices = self.data.next_batch(self.cfg.schedule.prompts_per_step)  # here, in step order: resumable
-            requests = [self._request(step, k, i) for k, i in enumerate(indices)]
-            position = {r.request_id: k for k, r in enumerate(requests)}
-            trainer_side = self.cfg.schedule.max_staleness == 0  # else the trainers are busy, and their weights too new
+            self.pipeline.launch(step, self._rollout_job(step, indices))
 
-            def score(batch: list[Completion], indices=indices, position=position, trainer_side=trainer_side):
-                positions = [position[c.request_id] for c in batch]
-                rows = [indices[p] for p in positions]
-                return {**self.system.score(batch, self._columns(batch, rows), trainer_side),
-                        "positions": positions, "rows": rows}  # each completion's place in the step and in the data
+    def _refill(self, round_: int) -> tuple[Any, Any, float]:
+        """Dynamic sampling's round `round_` (1, 2, ...) of this step: prompts_per_step more rows from the data's
+        current position, at step positions past the earlier rounds', generated and scored now."""
+        n = self.cfg.schedule.prompts_per_step
+        return self.pipeline.run(self._rollout_job(self.step, self.data.next_batch(n), first=round_ * n))
 
-            # A restarted worker gets the weights this rollout samples with (from the trainers on-policy, from the
-            # last sync's kept buckets in asynchronous mode), verified, and serves at once.
-            version = self.system.synced_version  # what this batch samples with, from its first sample to its last
-            self.pipeline.launch(step, lambda requests=requests, score=score, step=step, version=version: stream_rollouts(
-                self.system.pool, requests, score, self.cfg.rollout.micro_batch_size, rejoin=self.system.rejoin_worker,
-                label=f"the rollout of step {step}", expected_version=version))
+    def _rollout_job(self, step: int, indices: list[int], first: int = 0) -> Any:
+        """The rollout of data rows `indices` for step `step`, at step positions first, first + 1, ..., scored as
+        it streams; to run on the pipeline's thread."""
+        requests = [self._request(step, first + k, i) for k, i in enumerate(indices)]
+        position = {r.request_id: first + k for k, r in enumerate(requests)}
+        trainer_side = self.cfg.schedule.max_staleness == 0  # else the trainers are busy, and their weights too new
+
+        def score(batch: list[Completion]) -> dict[str, Any]:
+            positions = [position[c.request_id] for c in batch]
+            rows = [indices[p - first] for p in positions]
+            return {**self.system.score(batch, self._columns(batch, rows), trainer_side),
+                    "positions": positions, "rows": rows}  # each completion's place in the step and in the data
+
+        # A restarted worker gets the weights this rollout samples with (from the trainers on-policy, from the
+        # last sync's kept buckets in asynchronous mode), verified, and serves at once.
+        version = self.system.synced_version  # what this batch samples with, from its first sample to its last
+        return lambda: stream_rollouts(
+            self.system.pool, requests, score, self.cfg.rollout.micro_batch_size, rejoin=self.system.rejoin_worker,
+            label=f"the rollout of step {step}" + (f" (round {first // len(indices) + 1})" if first else ""),
+            expected_version=version)
 
     def _request(self, step: int, position: int, index: int) -> GenerationRequest:
         """The sampling request for prompt `index` of step `step`; the seed depends only on (seed, step,

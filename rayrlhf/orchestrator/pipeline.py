@@ -53,6 +53,14 @@ class RolloutPipeline:
         scored, timings = self._batches.pop(step).result()
         return scored, timings, time.monotonic() - start
 
+    def run(self, generate: Generate) -> tuple[Scored, RolloutTimings, float]:
+        """Run one more rollout now, on the pipeline's thread after the batches already launched, and wait for
+        it (a dynamic-sampling refill): two rollouts never share the workers, and it is never buffered across
+        a step boundary, so checkpoints are unchanged. Also returns the seconds waited."""
+        start = time.monotonic()
+        scored, timings = self._pool.submit(generate).result()
+        return scored, timings, time.monotonic() - start
+
     def wait_all(self) -> float:
         """Block until every launched batch has finished (before a weight sync); returns the seconds waited."""
         start = time.monotonic()

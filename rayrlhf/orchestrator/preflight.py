@@ -42,7 +42,7 @@ class Checked:
     tool_schemas: list[dict] | None = None  # env.tools' JSON schemas, shown to the model (multi-turn)
 
 
-def _model(cfg: JobConfig, key: str, name: str, cache: Path) -> str:
+def checked_model(cfg: JobConfig, key: str, name: str, cache: Path) -> str:
     """A model path or hub id that exists, with the config key named when it does not."""
     from transformers import AutoConfig
 
@@ -85,7 +85,7 @@ def preflight(cfg: JobConfig) -> Checked:
     plan = check_plan(cfg)
     cfg.rollout.backend = resolve_backend(cfg)  # `auto` decided once: config.yaml, the workers and metrics show it
     cache = Path(cfg.output_dir) / ".models"
-    policy = _model(cfg, "model.policy", cfg.model.policy, cache)
+    policy = checked_model(cfg, "model.policy", cfg.model.policy, cache)
     if cfg.model.lora is not None:
         cfg.model.lora.sync = resolve_lora_sync(cfg, cfg.rollout.backend)[0]  # like the backend: decided once
         check_lora_targets(cfg, policy)
@@ -93,17 +93,17 @@ def preflight(cfg: JobConfig) -> Checked:
         tokenizer = load_tokenizer(policy, cfg.model.trust_remote_code)
     except Exception as exc:  # noqa: BLE001
         raise InvalidInput(f"model.policy: cannot load its tokenizer from {policy} ({exc})") from None
-    critic = _model(cfg, "model.critic", cfg.model.critic, cache) if cfg.algorithm.name == "ppo" else None
+    critic = checked_model(cfg, "model.critic", cfg.model.critic, cache) if cfg.algorithm.name == "ppo" else None
     if critic is not None and not same_tokenizer(critic, policy, cfg.model.trust_remote_code):
         raise InvalidInput(
             f"model.critic {cfg.model.critic} has another tokenizer than model.policy: a critic's values are read at "
             "the policy's token positions, so it must share the policy's tokenizer (start it from the policy, or from a "
             "reward model trained on it)"
         )
-    reference = _model(cfg, "model.reference", cfg.model.reference or cfg.model.policy, cache)
-    reward_model = _model(cfg, "model.reward", cfg.model.reward, cache) if cfg.model.reward else None
+    reference = checked_model(cfg, "model.reference", cfg.model.reference or cfg.model.policy, cache)
+    reward_model = checked_model(cfg, "model.reward", cfg.model.reward, cache) if cfg.model.reward else None
     d = cfg.data
-    tools = _tool_schemas(cfg)
+    tools = tool_schemas_of(cfg)
     keys = {"prompt_key": d.prompt_key, "messages_key": d.messages_key, "tools": tools}
     train = load_prompts(d.train, tokenizer, d.max_prompt_tokens, d.overlong_prompts, d.apply_chat_template, cfg.seed,
                          d.shuffle, **keys)
@@ -113,7 +113,7 @@ def preflight(cfg: JobConfig) -> Checked:
                                   cfg.seed, shuffle=False, **keys)
     columns = list(reward_columns(train.rows[:1]))
     if cfg.env.enabled:
-        _check_episodes(cfg, tokenizer, train.rows[0], tools)
+        check_episodes(cfg, tokenizer, train.rows[0], tools)
         columns.append(TRANSCRIPT)  # reward functions of episodes also get the turns
     if cfg.reward.function:
         check_reward_function(cfg.reward.function, columns)
@@ -129,7 +129,7 @@ def preflight(cfg: JobConfig) -> Checked:
     return Checked(plan, policy, critic, reference, reward_model, tokenizer, train, evaluation, tools)
 
 
-def _tool_schemas(cfg: JobConfig) -> list[dict] | None:
+def tool_schemas_of(cfg: JobConfig) -> list[dict] | None:
     """env.tools' JSON schemas (from type hints and docstrings), or None; an import error names env.tools."""
     if not cfg.env.tools:
         return None
@@ -138,7 +138,7 @@ def _tool_schemas(cfg: JobConfig) -> list[dict] | None:
     return tool_schemas(load_tools(cfg.env.tools))
 
 
-def _check_episodes(cfg: JobConfig, tokenizer: Any, row: dict[str, Any], tools: list[dict] | None) -> None:
+def check_episodes(cfg: JobConfig, tokenizer: Any, row: dict[str, Any], tools: list[dict] | None) -> None:
     """The environment imports, constructs with env.kwargs and resets on a real row (in a host process, as in
     the job); a chat template that rewrites earlier turns is said once here."""
     from rayrlhf.data.chat import chat_format

@@ -78,8 +78,11 @@ def _wait_names_free(names: list[str], timeout_s: float = 15.0) -> None:
 class System:
     """Rollout workers, policy (and critic) trainer groups, the reference and the reward servers."""
 
-    def __init__(self, cfg: JobConfig, checked: Checked, faults: FaultCounters | None = None) -> None:
+    def __init__(self, cfg: JobConfig, checked: Checked, faults: FaultCounters | None = None, trainers: bool = True) -> None:
+        """`trainers` False starts only what evaluation needs (`rayrlhf eval`): the rollout workers, which load the
+        policy from `checked.policy` and keep it, the reward servers and the environments; no reference, no trainers."""
         self.cfg, self.plan, self.checked = cfg, checked.plan, checked
+        self.trains = trainers
         self.faults = faults or FaultCounters()
         self.fault_dir = Path(cfg.output_dir) / "faults"
         self.fault_policy = FaultPolicy(cfg.faults, self.fault_dir, self.faults, cfg.rollout.max_new_tokens)
@@ -135,7 +138,7 @@ class System:
         )
         srv, no_dropout = cfg.servers, cfg.model.disable_dropout
         # no KL computed (kl_coef 0, fixed controller): no reference server
-        for ref in self.plan.of("reference"):
+        for ref in self.plan.of("reference") if self.trains else ():
             self.reference = RemoteReferenceServer.options(
                 name=ref.name, num_cpus=ref.num_cpus, num_gpus=ref.num_gpus, max_restarts=restarts,
             ).remote(checked.reference, cfg.model.dtype, trust, srv.micro_batch_size, cfg.rollout.temperature or 1.0,
@@ -156,9 +159,10 @@ class System:
             self.eval_reward = RemoteRewardServer.options(name="eval-reward", num_cpus=0, max_restarts=restarts).remote(
                 function=cfg.reward.eval_function, timeout_s=cfg.reward.timeout_s)
         # The servers and engines start in the background; the trainer groups start (and block) meanwhile.
-        log.info("creating the policy trainer group (%d rank(s), ZeRO-%d)", cfg.trainer.policy.num_ranks,
-                 cfg.trainer.stage_for(cfg.trainer.policy.num_ranks))
-        self._start_trainers()
+        if self.trains:
+            log.info("creating the policy trainer group (%d rank(s), ZeRO-%d)", cfg.trainer.policy.num_ranks,
+                     cfg.trainer.stage_for(cfg.trainer.policy.num_ranks))
+            self._start_trainers()
         ray.get([r.ready.remote() for r in self.servers])
         ray.get([w.ready.remote() for w in self.rollout_workers])
         self.sync_dtype = engine_dtype(self.rollout_workers, cfg.faults.sync_timeout_s)
@@ -360,6 +364,9 @@ class System:
         the trainers have moved on, and the buckets kept from the last sync are loaded instead."""
         with self._rejoin_lock:
             if i in self.pool.live:
+                return
+            if not self.trains:  # evaluation only: the restarted worker loaded the policy it serves from its folder
+                self.pool.rejoin(i)
                 return
             if self.cfg.schedule.max_staleness == 0:
                 self.sync_weights(self.synced_version, verify=True, only=[i])
