@@ -1,7 +1,10 @@
 """Rollout throughput: tokens/s through the RolloutWorker actor (streaming) versus raw
 `vllm.LLM.generate` on the same prompts, model and sampling settings, in the same run.
 
-    python bench/rollout_throughput.py [--prompts 256] [--max-new-tokens 64]
+    python bench/rollout_throughput.py [--prompts 256] [--max-new-tokens 64] [--threads N]
+
+`--threads` sets the actor's rollout.num_threads (default: the project's choice for the model); the raw engine
+runs in this process with whatever OMP_NUM_THREADS it was started with.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ def raw_vllm(model: Path, prompt_ids: list[list[int]], max_new: int, max_len: in
     return elapsed, tokens
 
 
-def through_actor(model: Path, prompt_ids: list[list[int]], max_new: int, max_len: int) -> tuple[float, int]:
+def through_actor(model: Path, prompt_ids: list[list[int]], max_new: int, max_len: int,
+                  threads: int | None = None) -> tuple[float, int]:
     import ray
 
     from rayrlhf.actors.rollout import create_rollout_workers
@@ -47,7 +51,8 @@ def through_actor(model: Path, prompt_ids: list[list[int]], max_new: int, max_le
 
     ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
-        cfg = RolloutConfig(backend="vllm", num_workers=1, dtype="float32", max_new_tokens=max_new, num_cpus=1)
+        cfg = RolloutConfig(backend="vllm", num_workers=1, dtype="float32", max_new_tokens=max_new, num_cpus=1,
+                            num_threads=threads)
         [worker] = create_rollout_workers(model, cfg, ModelConfig(dtype="float32"), seed=0, max_model_len=max_len)
         spec = SamplingSpec(temperature=1.0, max_new_tokens=max_new, seed=1)
         warm = [GenerationRequest("warm", prompt_ids[0], spec)]
@@ -66,6 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="the actor's rollout.num_threads (default: automatic)")
     parser.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "rayrlhf-bench-30m")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -75,9 +81,15 @@ def main() -> None:
     prompt_ids = prompts_for(AutoTokenizer.from_pretrained(str(model)), args.prompts)
     max_len = 32 + args.max_new_tokens
     raw_s, raw_tokens = raw_vllm(model, prompt_ids, args.max_new_tokens, max_len)
-    actor_s, actor_tokens = through_actor(model, prompt_ids, args.max_new_tokens, max_len)
+    import torch
+
+    from rayrlhf.actors.resources import default_threads
+
+    raw_threads = torch.get_num_threads()  # what the raw engine computed with (vLLM sets it at start-up)
+    actor_s, actor_tokens = through_actor(model, prompt_ids, args.max_new_tokens, max_len, args.threads)
     raw_tps, actor_tps = raw_tokens / raw_s, actor_tokens / actor_s
     print(f"model: {num_params(model) / 1e6:.1f}M parameters; {args.prompts} prompts x {args.max_new_tokens} new tokens; {machine()}")
+    print(f"threads: actor {args.threads or default_threads(model, 1)}, raw engine {raw_threads}")
     print(f"raw vllm.LLM.generate: {raw_tokens} tokens in {raw_s:.2f} s = {raw_tps:.0f} tok/s")
     print(f"RolloutWorker actor:   {actor_tokens} tokens in {actor_s:.2f} s = {actor_tps:.0f} tok/s")
     result("rollout_tokens_per_s", actor_tps, raw_tps, unit="tok/s", baseline_name="raw vllm.LLM.generate")

@@ -274,6 +274,29 @@ def test_fractional_servers_share_one_gpu_and_their_memory_adds_up() -> None:
     assert reward.budget == pytest.approx(80 * GiB * 0.95 - ref.estimate.peak)
 
 
+def test_a_colocated_reference_shares_policy_0s_gpu_and_both_budgets_leave_room_for_the_other() -> None:
+    from rayrlhf.orchestrator.plan import check_plan, colocated_rank_gpus
+
+    apart = check_capacity(load_config(GPU_1X8, ["rollout.num_workers=4"]), ONE_BY_EIGHT)
+    assert any("no GPU left for policy-3" in p and "asks for 9 GPUs" in p for p in apart.problems)
+    cfg = load_config(GPU_1X8, ["rollout.num_workers=4", "servers.colocate=true", "servers.reference_num_gpus=0.25"])
+    report = check_capacity(cfg, ONE_BY_EIGHT)
+    assert report.fits, report.table()
+    by_name = {a.spec.name: a for a in report.actors}
+    ref, rank0, rank1 = by_name["reference"], by_name["policy-0"], by_name["policy-1"]
+    assert ref.spec.beside == "policy-0" and ref.gpus == rank0.gpus and ref.gpus != rank1.gpus
+    assert sorted(g for a in report.actors if not a.spec.beside for g in a.gpus) == [(0, i) for i in range(8)]
+    total = 80 * GiB * 0.95  # one GPU: each budget is what the other leaves
+    assert rank0.budget == pytest.approx(total - ref.estimate.peak)
+    assert ref.budget == pytest.approx(total - rank0.estimate.peak)
+    assert rank1.budget == pytest.approx(total)
+    plan = check_plan(cfg)
+    assert plan.total_gpus == 8 and colocated_rank_gpus(plan, 1.0) == 0.75
+    # the planner proposes it when the servers' GPUs are what is missing
+    fix = smallest_fix(load_config(GPU_1X8, ["rollout.num_workers=4"]), ONE_BY_EIGHT, apart)
+    assert fix is not None and fix.overrides == {"servers.colocate": True, "servers.reference_num_gpus": 0.25}
+
+
 def test_vllm_share_below_its_needs_is_refused_and_the_fix_raises_it() -> None:
     cfg = load_config(GPU_1X8, ["rollout.gpu_memory_utilization=0.2"])
     report = check_capacity(cfg, ONE_BY_EIGHT)

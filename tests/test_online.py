@@ -54,3 +54,4 @@ def test_ppo_raises_the_reward(ray_local: None, tmp_path: Path) -> None:
     assert "critic/loss" in rows[-1] and "critic/explained_variance" in rows[-1]
     assert rows[-1]["rollout/backend"] == "hf"  # `auto` for a tiny model on CPU
     assert mean(rows[-5:], "critic/explained_variance") > mean(rows[:5], "critic/explained_variance")
+

@@ -6,7 +6,9 @@ must still be equal, step by step, so evaluation leaves the training run untouch
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import pytest
 import torch
 from jobs import ROOT, train
 
+from rayrlhf.config import load_config
 from rayrlhf.orchestrator.metrics import read_metrics
 
 FLAKY_REWARD = '''
@@ -38,8 +41,9 @@ def flaky_reward(tmp_path: Path) -> Path:
 
 
 def test_resume_reproduces_the_run_with_two_workers_zero3_and_failing_rewards(
-    ray_local: None, tmp_path: Path, flaky_reward: Path
+    ray_local: None, tmp_path: Path, flaky_reward: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="rayrlhf.orchestrator.system")
     common = (
         f"reward.function={flaky_reward}:reward", "rollout.backend=vllm", "rollout.num_workers=2", "rollout.num_cpus=0.5",
         "trainer.policy.num_ranks=2", "trainer.zero_stage=3", "trainer.micro_batch_size=4",
@@ -47,10 +51,13 @@ def test_resume_reproduces_the_run_with_two_workers_zero3_and_failing_rewards(
     )
     with_eval = ("schedule.eval_every=2", "schedule.eval_max_prompts=8", "schedule.eval_decoding=both")
     rows = train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "straight", "schedule.steps=4", *common, *with_eval)
-    train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "resumed", "schedule.steps=2", *common, "data.eval=null")
+    # the interrupted run also puts the reference beside policy-0 (servers.colocate): no figure may change
+    colocated = ("data.eval=null", "servers.colocate=true")
+    train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "resumed", "schedule.steps=2", *common, *colocated)
     assert (tmp_path / "resumed/checkpoints/latest").read_text().strip() == "step_2"
     resumed = train("cluster_configs/local-cpu/grpo.yaml", tmp_path, "resumed", "schedule.steps=4", *common,
-                    "data.eval=null", resume=True)
+                    *colocated, resume=True)
+    _assert_reference_in_policy_0s_bundle(caplog.text)
 
     evals = [r for r in rows if "eval/reward_mean" in r]
     assert [r["step"] for r in evals] == [0, 2, 4]
@@ -68,6 +75,20 @@ def test_resume_reproduces_the_run_with_two_workers_zero3_and_failing_rewards(
     failed = sum(r["reward/failed"] for r in straight)
     assert 0 < failed < 4 * 32  # some samples were unscorable, and they were counted, not fatal
     assert straight[-1]["weight_version"] == 4
+
+
+def _assert_reference_in_policy_0s_bundle(logged: str) -> None:
+    """The job asked its reference which placement group it runs in (servers.colocate): the policy's, whose first
+    bundle has room for policy-0 and the reference; on GPUs the two would share policy-0's GPU."""
+    import ray
+
+    cfg = load_config(ROOT / "cluster_configs/local-cpu/grpo.yaml")
+    rank, server = cfg.trainer.policy.num_cpus, cfg.servers.reference_num_cpus
+    found = re.findall(r"servers.colocate: reference beside policy-0 in the policy's placement group (\w+)", logged)
+    assert len(found) == 2  # the first run and the resumed one
+    for pg in found:
+        bundles = ray.util.placement_group_table()[pg]["bundles"]
+        assert [bundles[i].get("CPU") for i in sorted(bundles)] == [rank + server, rank]
 
 
 def _start_job(config: str, out: Path, *overrides: str) -> subprocess.Popen:

@@ -67,6 +67,11 @@ def test_shipped_job_config_constructs(path: Path) -> None:
     (["rollout.backend=hf", "model.policy=tiny:qwen3-moe"], "rollout.backend: hf cannot take weight updates"),
     (["trainer.offload=optimizer"], "trainer.offload: optimizer needs trainer.zero_stage >= 1"),
     (["trainer.offload=all", "trainer.zero_stage=2"], "trainer.offload: all needs trainer.zero_stage >= 3"),
+    (["servers.colocate=true", "trainer.policy.num_gpus=1", "servers.reference_num_gpus=1"],
+     "servers.reference_num_gpus = 1: beside a policy rank a server takes a fraction"),
+    (["servers.colocate=true", "servers.reference_num_gpus=0.25"], "servers.colocate: the policy ranks have no GPU"),
+    (["servers.colocate=true", "trainer.policy.num_gpus=2", "servers.reference_num_gpus=0.25"],
+     "trainer.policy.num_gpus must be 1"),
 ])
 def test_plan_refuses_what_cannot_run(overrides: list[str], problem: str) -> None:
     cfg = load_config(ROOT / "cluster_configs" / "local-cpu" / "grpo.yaml", overrides)

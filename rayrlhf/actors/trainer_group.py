@@ -81,6 +81,25 @@ def trainer_settings(cfg: JobConfig, role: str, total_steps: int) -> TrainerSett
     )
 
 
+def rank_bundle(num_cpus: float, num_gpus: float, resources: dict[str, float] | None = None) -> dict[str, float]:
+    """What one rank's placement-group bundle reserves."""
+    return {k: v for k, v in {"CPU": num_cpus, "GPU": num_gpus, **(resources or {})}.items() if v > 0} or {"CPU": 0.01}
+
+
+def place_bundles(what: str, bundles: list[dict[str, float]], strategy: str, timeout_s: float) -> Any:
+    """A ready placement group of `bundles`, or RuntimeError saying what did not fit."""
+    pg = placement_group([dict(b) for b in bundles], strategy=strategy.upper())
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        raise RuntimeError(
+            f"{what} could not be placed within {timeout_s:.0f}s: it asks for bundles {bundles}; the cluster has "
+            f"{ray.cluster_resources()} in total and {ray.available_resources()} free"
+        ) from None
+    return pg
+
+
 class TrainerGroup:
     """R ranks of one role (policy, critic or reward model) behind full-batch methods."""
 
@@ -96,7 +115,10 @@ class TrainerGroup:
         placement_timeout_s: float = 120.0,
         placement: str = "pack",
         resources: dict[str, float] | None = None,
+        shared_pg: Any = None,
     ) -> None:
+        """`shared_pg`: a placement group the caller made and keeps (servers.colocate: one bundle per rank, with
+        room for the servers beside it); the ranks take bundle `rank` of it and leave it in place at shutdown."""
         if role not in ROLES:
             raise ValueError(f"unknown trainer role {role!r}; valid roles are {list(ROLES)}")
         self.role, self.num_ranks, self.settings = role, num_ranks, settings
@@ -107,17 +129,12 @@ class TrainerGroup:
         self._weight_group_key: tuple[str, ...] | None = None  # the workers the current weight group spans
         self._weight_group_count = 0
         self._layouts: dict[str, Any] = {}
-        bundle = {k: v for k, v in {"CPU": num_cpus, "GPU": num_gpus, **(resources or {})}.items() if v > 0} or {"CPU": 0.01}
-        self.pg = placement_group([dict(bundle) for _ in range(num_ranks)], strategy=placement.upper())
-        try:
-            ray.get(self.pg.ready(), timeout=placement_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(self.pg)
-            raise RuntimeError(
-                f"the {role} trainer group could not be placed within {placement_timeout_s:.0f}s: it asks for "
-                f"{num_ranks} bundle(s) of {bundle}; the cluster has {ray.cluster_resources()} in total and "
-                f"{ray.available_resources()} free"
-            ) from None
+        self._owns_pg = shared_pg is None
+        if shared_pg is not None:
+            self.pg = shared_pg
+        else:
+            bundle = rank_bundle(num_cpus, num_gpus, resources)
+            self.pg = place_bundles(f"the {role} trainer group", [bundle] * num_ranks, placement, placement_timeout_s)
         prefix = name_prefix or role
 
         def make(rank: int, addr: str | None, port: int | None) -> Any:
@@ -139,9 +156,11 @@ class TrainerGroup:
 
     @classmethod
     def from_config(cls, cfg: JobConfig, role: str, model_path: str, total_steps: int, **kwargs: Any) -> TrainerGroup:
+        """The group `cfg` describes for `role`; `kwargs` override (e.g. a colocated rank's smaller GPU share)."""
         rc = role_config(cfg, role)
-        return cls(role, model_path, trainer_settings(cfg, role, total_steps), num_ranks=rc.num_ranks,
-                   num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, placement=rc.placement, resources=rc.resources, **kwargs)
+        options: dict[str, Any] = {"num_ranks": rc.num_ranks, "num_cpus": rc.num_cpus, "num_gpus": rc.num_gpus,
+                                   "placement": rc.placement, "resources": rc.resources, **kwargs}
+        return cls(role, model_path, trainer_settings(cfg, role, total_steps), **options)
 
     # ---------------------------------------------------------------- plumbing
 
@@ -477,6 +496,6 @@ class TrainerGroup:
             for actor in self.actors:
                 ray.kill(actor)
             self.actors = []
-        if self.pg is not None:
+        if self.pg is not None and self._owns_pg:
             remove_placement_group(self.pg)
-            self.pg = None
+        self.pg = None

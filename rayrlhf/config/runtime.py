@@ -115,6 +115,11 @@ class ServersConfig(Section):
     reward_num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per reward server.")
     reward_num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per reward server (a reward model on GPU).")
     micro_batch_size: int = Field(16, ge=1, description="Rows per forward pass in the reference and reward servers.")
+    colocate: bool = Field(
+        False, description="Put the reference and each reward-model server beside a policy rank (reference beside "
+        "policy-0, reward-i beside the next ranks), in the policy's placement group: on GPUs they take a fraction "
+        "(servers.*_num_gpus, e.g. 0.25) of that rank's GPU instead of GPUs of their own."
+    )
     weight_sync_bucket_mb: int = Field(256, ge=1, description="Size of the buckets the weights travel in during a sync, MiB.")
     weight_sync_backend: Literal["object_store", "collective"] = Field("object_store", description="Weight sync transport: the object store (zero-copy on a node), or a broadcast group from policy rank 0 (gloo; NCCL on GPU clusters).")
 

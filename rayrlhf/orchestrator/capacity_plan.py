@@ -241,7 +241,12 @@ def place(actors: list[ActorMemory], cluster: Cluster) -> list[str]:
     gpus = [[_Gpu(n, i) for i in range(node.gpus)] for n, node in enumerate(cluster.nodes)]
     problems: list[str] = []
     short: list[str] = []
-    order = sorted(actors, key=lambda a: ["rollout", "reference", "reward", "policy", "critic"].index(a.spec.role))
+    guests: dict[str, list[ActorMemory]] = {}  # servers.colocate: policy rank -> the servers in its bundle
+    for a in actors:
+        if a.spec.beside:
+            guests.setdefault(a.spec.beside, []).append(a)
+    order = sorted([a for a in actors if not a.spec.beside],
+                   key=lambda a: ["rollout", "reference", "reward", "policy", "critic"].index(a.spec.role))
     group_node: dict[str, int] = {}
     for a in order:
         g = a.spec.num_gpus
@@ -272,8 +277,15 @@ def place(actors: list[ActorMemory], cluster: Cluster) -> list[str]:
             a.budget = mem * (1 - ALLOCATOR_MARGIN) - others
             for gpu in chosen:
                 gpu.used += need
+        for guest in guests.get(a.spec.name, []):  # one GPU, memory for both: each budget leaves room for the other
+            guest_need = guest.estimate.peak if guest.estimate else 0.0
+            guest.gpus, guest.where = list(a.gpus), f"{a.where} (beside {a.spec.name})"
+            guest.budget = mem * (1 - ALLOCATOR_MARGIN) - max(gpu.used for gpu in chosen)
+            a.budget -= guest_need
+            for gpu in chosen:
+                gpu.used += guest_need
     if short:
-        needed = sum(a.spec.num_gpus for a in actors)
+        needed = sum(a.spec.num_gpus for a in actors if not a.spec.beside)
         problems.append(f"no GPU left for {_names(short)}: the plan asks for {needed:g} GPUs "
                         f"({_gpu_summary(actors)}), the cluster has {cluster.total_gpus}")
     for group in _groups([a for a in actors if a.budget is not None]):
@@ -336,7 +348,8 @@ def _names(names: list[str]) -> str:
 def _gpu_summary(actors: list[ActorMemory]) -> str:
     by_role: dict[str, float] = {}
     for a in actors:
-        by_role[a.spec.role] = by_role.get(a.spec.role, 0.0) + a.spec.num_gpus
+        if not a.spec.beside:  # a server beside a policy rank is inside the rank's GPU
+            by_role[a.spec.role] = by_role.get(a.spec.role, 0.0) + a.spec.num_gpus
     return ", ".join(f"{role} {n:g}" for role, n in by_role.items() if n)
 
 
@@ -401,6 +414,15 @@ def candidate_changes(cfg: JobConfig, report: CapacityReport) -> list[dict[str, 
             out.append({"rollout.enforce_eager": True})
     if failing & {"reference", "reward"}:
         out += [{"servers.micro_batch_size": b} for b in _halvings(s.micro_batch_size)]
+    if no_room and not s.colocate and t.policy.num_gpus == 1:  # the frozen servers give up their GPUs
+        on_gpu = {a.spec.role for a in report.actors if a.spec.num_gpus >= 1}
+        change: dict[str, Any] = {}
+        if "reference" in on_gpu:
+            change["servers.reference_num_gpus"] = 0.25
+        if "reward" in on_gpu and cfg.model.reward:
+            change["servers.reward_num_gpus"] = 0.25
+        if change:
+            out.append({"servers.colocate": True, **change})
     if no_room or roles:  # more ranks may need GPUs that rollout workers or servers can give up
         out += [{"rollout.num_workers": n} for n in range(r.num_workers - 1, 0, -1)]
         if s.reference_num_gpus >= 1 and s.reward_num_gpus >= 1:

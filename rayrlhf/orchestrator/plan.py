@@ -13,12 +13,15 @@ With `model.lora` the plan says how the adapter runs: the policy group trains on
 is also the reference policy (the adapter switched off, in its own process: no reference actor and
 no second copy of the weights), and the weight sync sends the adapter alone into vLLM's LoRA slots
 or, for engines that cannot serve it, the weights with the adapter merged in (`model.lora.sync`).
+
+With `servers.colocate` the reference and reward-model servers sit beside policy ranks (`ActorSpec.beside`): each
+shares its rank's placement-group bundle, and on GPUs a fraction of its GPU, which the rank then does not ask for.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,7 @@ class ActorSpec:
     num_cpus: float
     num_gpus: float
     path: str
+    beside: str | None = None  # servers.colocate: the policy rank whose placement-group bundle (and GPU) it shares
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class ActorPlan:
 
     @property
     def total_gpus(self) -> float:
-        return sum(a.num_gpus for a in self.actors)
+        return sum(a.num_gpus for a in self.actors if not a.beside)  # a server beside a rank uses part of its GPU
 
     def describe(self) -> str:
         """The plan as a few lines: one per group of actors, then the weight sync and the totals."""
@@ -278,6 +282,8 @@ def plan_actors(cfg: JobConfig) -> ActorPlan:
                              f"{env.class_spec} environments, {env.processes_per_worker} host process(es)")
                    for i in range(env.num_workers)]
 
+    if srv.colocate:
+        actors = colocate(cfg, actors, problems)
     policy_gpu = _gpu(cfg.trainer.policy.num_gpus)
     if srv.weight_sync_backend == "collective":
         if policy_gpu != rollout_gpu:
@@ -298,6 +304,44 @@ def plan_actors(cfg: JobConfig) -> ActorPlan:
         sync += (f"; asynchronous: samples up to {k} version(s) old, generated while the trainers train, "
                  f"reweighted by importance weights truncated at {cfg.algorithm.importance_cap:g}")
     return ActorPlan(actors, sync, problems)
+
+
+def colocate(cfg: JobConfig, actors: list[ActorSpec], problems: list[str]) -> list[ActorSpec]:
+    """servers.colocate: the reference and the reward-model servers each beside one policy rank, in that rank's
+    placement-group bundle, which still reserves the rank's whole GPU (ranks of one group never share one)."""
+    rc = cfg.trainer.policy
+    ranks = [a for a in actors if a.role == "policy"]
+    guests = [a for a in actors if a.role == "reference" or (a.role == "reward" and cfg.model.reward)]
+    if not ranks:
+        problems.append("servers.colocate puts servers beside the policy ranks: this job has no policy trainer group")
+        return actors
+    if len(guests) > len(ranks):
+        problems.append(f"servers.colocate: {len(guests)} servers ({', '.join(a.name for a in guests)}) need as many "
+                        f"policy ranks to sit beside; trainer.policy.num_ranks is {len(ranks)}")
+        return actors
+    if _gpu(rc.num_gpus):
+        if rc.num_gpus != 1:
+            problems.append(f"servers.colocate shares a policy rank's GPU: trainer.policy.num_gpus must be 1 (got {rc.num_gpus:g})")
+            return actors
+        for a in guests:
+            key = "servers.reference_num_gpus" if a.role == "reference" else "servers.reward_num_gpus"
+            if not 0 < a.num_gpus < 0.5:
+                problems.append(f"{key} = {a.num_gpus:g}: beside a policy rank a server takes a fraction of that rank's "
+                                "GPU, above 0 and below 0.5 (e.g. 0.25)")
+                return actors
+    elif any(_gpu(a.num_gpus) for a in guests):
+        problems.append("servers.colocate: the policy ranks have no GPU (trainer.policy.num_gpus is 0), so the servers "
+                        "beside them cannot have one; set servers.reference_num_gpus / reward_num_gpus to 0")
+        return actors
+    beside = {g.name: ranks[i].name for i, g in enumerate(guests)}
+    return [replace(a, beside=beside[a.name], path=a.path + f"; beside {beside[a.name]}, in its bundle (servers.colocate)")
+            if a.name in beside else a for a in actors]
+
+
+def colocated_rank_gpus(plan: ActorPlan, rank_gpus: float) -> float:
+    """What a policy rank asks Ray for when servers sit beside the ranks: its GPU less the largest server share
+    (its bundle still holds the whole GPU)."""
+    return rank_gpus - max((a.num_gpus for a in plan.actors if a.beside), default=0.0)
 
 
 def check_plan(cfg: JobConfig) -> ActorPlan:

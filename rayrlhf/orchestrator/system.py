@@ -15,7 +15,7 @@ import torch
 
 from rayrlhf.actors.rollout import create_rollout_workers
 from rayrlhf.actors.scorers import RemoteReferenceServer, RemoteRewardServer
-from rayrlhf.actors.trainer_group import TrainerGroup
+from rayrlhf.actors.trainer_group import TrainerGroup, place_bundles, rank_bundle
 from rayrlhf.actors.types import Completion
 from rayrlhf.actors.weight_sync import (
     SyncResult,
@@ -30,7 +30,7 @@ from rayrlhf.errors import WorkersLost
 from rayrlhf.models.forward import pack_batch
 from rayrlhf.orchestrator.faults import FaultCounters, FaultPolicy, Restartable, ServerCaller
 from rayrlhf.orchestrator.lora_sync import probe_atol, probe_ids, verify_adapter_logprobs
-from rayrlhf.orchestrator.plan import lora_reference
+from rayrlhf.orchestrator.plan import ActorSpec, colocated_rank_gpus, lora_reference
 from rayrlhf.orchestrator.preflight import Checked
 from rayrlhf.orchestrator.workers import WorkerPool
 
@@ -107,7 +107,7 @@ class System:
             cfg.schedule.steps * cfg.algorithm.ppo_epochs * (cfg.samples_per_step // (cfg.trainer.mini_batch_size or cfg.samples_per_step))
         )
         log.info("creating %d rollout worker(s) (%s)", cfg.rollout.num_workers, cfg.rollout.backend)
-        self.policy = self.critic = self.reference = self.eval_reward = None
+        self.policy = self.critic = self.reference = self.eval_reward = self.colocation = None
         self.rollout_workers, self.rewards, self.env_actors = [], [], []
         try:
             self._start(cfg, checked, steps)
@@ -137,15 +137,17 @@ class System:
             max_model_len=cfg.max_total_tokens if cfg.env.enabled else None, episodes=episodes,
         )
         srv, no_dropout = cfg.servers, cfg.model.disable_dropout
+        self.colocation = self._colocation_group() if self.trains else None
         # no KL computed (kl_coef 0, fixed controller): no reference server
         for ref in self.plan.of("reference") if self.trains else ():
             self.reference = RemoteReferenceServer.options(
                 name=ref.name, num_cpus=ref.num_cpus, num_gpus=ref.num_gpus, max_restarts=restarts,
+                scheduling_strategy=self._beside(ref),
             ).remote(checked.reference, cfg.model.dtype, trust, srv.micro_batch_size, cfg.rollout.temperature or 1.0,
                      no_dropout)
         self.rewards = [
             RemoteRewardServer.options(name=spec.name, num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
-                                       max_restarts=restarts).remote(
+                                       max_restarts=restarts, scheduling_strategy=self._beside(spec)).remote(
                 model_path=checked.reward_model, function=cfg.reward.function, url=cfg.reward.url, dtype=cfg.model.dtype,
                 trust_remote_code=trust, timeout_s=cfg.reward.timeout_s, max_retries=cfg.reward.max_retries,
                 micro_batch_size=srv.micro_batch_size, policy_tokenizer=self.policy_path,
@@ -164,15 +166,51 @@ class System:
                      cfg.trainer.stage_for(cfg.trainer.policy.num_ranks))
             self._start_trainers()
         ray.get([r.ready.remote() for r in self.servers])
+        if self.colocation is not None:
+            self._check_colocated()
         ray.get([w.ready.remote() for w in self.rollout_workers])
         self.sync_dtype = engine_dtype(self.rollout_workers, cfg.faults.sync_timeout_s)
         self.callers = {name: ServerCaller(Restartable(name, actor, self.fault_policy))
                         for name, actor in self._server_names().items()}
         self.pool = WorkerPool(self.rollout_workers, self.fault_policy)
 
+    def _colocation_group(self) -> Any:
+        """servers.colocate: one placement-group bundle per policy rank, with room for the servers beside it
+        (`ActorSpec.beside`). The System keeps it: a trainer rebuild reuses it, and the servers in it live on."""
+        guests = [a for a in self.plan.actors if a.beside]
+        if not guests:
+            return None
+        rc = self.cfg.trainer.policy
+        bundles = [rank_bundle(r.num_cpus + sum(g.num_cpus for g in guests if g.beside == r.name), rc.num_gpus, rc.resources)
+                   for r in self.plan.of("policy")]
+        log.info("servers.colocate: %s beside %s", ", ".join(g.name for g in guests), ", ".join(g.beside for g in guests))
+        return place_bundles("the policy ranks and the servers beside them (servers.colocate)", bundles, rc.placement, 120.0)
+
+    def _check_colocated(self) -> None:
+        """Each server the plan puts beside a policy rank runs in the policy's placement group (asked of the server)."""
+        want = self.colocation.id.hex()
+        guests = {"reference": self.reference, **{s.name: a for s, a in zip(self.plan.of("reward"), self.rewards, strict=True)}}
+        for spec in (a for a in self.plan.actors if a.beside):
+            got = ray.get(guests[spec.name].__ray_call__.remote(lambda _: ray.get_runtime_context().get_placement_group_id()))
+            if got != want:
+                raise RuntimeError(f"servers.colocate: {spec.name} runs in placement group {got}, not the policy's {want}")
+        log.info("servers.colocate: %s in the policy's placement group %s",
+                 ", ".join(f"{a.name} beside {a.beside}" for a in self.plan.actors if a.beside), want)
+
+    def _beside(self, spec: ActorSpec) -> Any:
+        """Where a server is scheduled: its policy rank's bundle when colocated, else anywhere."""
+        if spec.beside is None or self.colocation is None:
+            return "DEFAULT"
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        rank = [r.name for r in self.plan.of("policy")].index(spec.beside)
+        return PlacementGroupSchedulingStrategy(self.colocation, placement_group_bundle_index=rank)
+
     def _start_trainers(self) -> None:
         cfg, f = self.cfg, self.cfg.faults
-        self.policy = TrainerGroup.from_config(cfg, "policy", self.policy_path, self.optimizer_steps)
+        shared = {"shared_pg": self.colocation,
+                  "num_gpus": colocated_rank_gpus(self.plan, cfg.trainer.policy.num_gpus)} if self.colocation else {}
+        self.policy = TrainerGroup.from_config(cfg, "policy", self.policy_path, self.optimizer_steps, **shared)
         self.critic = TrainerGroup.from_config(cfg, "critic", self.checked.critic, self.optimizer_steps) if self.checked.critic else None
         for group in (self.policy, self.critic):
             if group is not None:
@@ -460,4 +498,9 @@ class System:
                 group.shutdown()
         for actor in [*self.rollout_workers, *self.servers, *self.env_actors]:
             ray.kill(actor)
+        if self.colocation is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.colocation)
+            self.colocation = None
         _wait_names_free([f"rollout-{i}" for i in range(len(self.rollout_workers))] + ["reference"])
