@@ -21,7 +21,7 @@ from rayrlhf.orchestrator.metrics import read_metrics
 pytestmark = pytest.mark.slow
 
 # The CI setting: fewer steps and held-out prompts than `rayrlhf demo`'s defaults.
-SHORT = DemoSettings(sft_steps=150, rm_steps=300, ppo_steps=20, n_eval=100)
+SHORT = DemoSettings(sft_steps=150, rm_steps=200, ppo_steps=20, n_eval=100)
 
 
 @pytest.fixture(scope="module")
