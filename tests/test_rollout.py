@@ -114,6 +114,24 @@ def test_vllm_rejects_an_overlong_prompt_and_keeps_serving(workers: dict, prompt
     assert ray.get(worker.load.remote()) == 0
 
 
+def test_vllm_seeded_prompts_past_a_steps_token_budget_sample_as_they_would_alone(
+    workers: dict, tiny_model: Path
+) -> None:
+    """Before: 48 seeded 60-token prompts at once (2880 tokens, over vLLM's 2048-token step budget) made vLLM's CPU
+    build prefill one in pieces and rewind its seeded generator, which CPU generators cannot do: the engine died
+    ("CPU Generator does not use offset"; seen with 64 episodes of 4 turns). Prompts are now never split."""
+    tok = load_tokenizer(tiny_model)
+    text = tok("sort: " + "hgfedcba " * 12, add_special_tokens=False)["input_ids"]
+    assert len(text) >= 66
+    crowd = [GenerationRequest(f"budget-{i}", text[i % 6: i % 6 + 60], SamplingSpec(max_new_tokens=4, seed=i))
+             for i in range(48)]
+    done = {c.request_id: c.response_ids for c in stream(workers["vllm"], crowd)}
+    assert sorted(done) == sorted(r.request_id for r in crowd)
+    for i in (0, 47):  # the same tokens as when the request is alone in the engine
+        [alone] = stream(workers["vllm"], [GenerationRequest(f"alone-{i}", crowd[i].prompt_ids, crowd[i].sampling)])
+        assert alone.response_ids == done[f"budget-{i}"]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fresh_checksums_equal_the_checkpoint(backend: str, workers: dict, tiny_model: Path) -> None:
     expected = safetensors_checksums(tiny_model)

@@ -151,6 +151,7 @@ class VLLMEngine:
         self.dtype = resolve_dtype(dtype)
         self._lora = LoraSlot(str(model_path), lora, trust_remote_code) if lora else None
         args = EngineArgs(
+            **self._cpu_scheduling(max_model_len),
             model=str(model_path),
             dtype=str(self.dtype).removeprefix("torch."),
             seed=seed,
@@ -170,6 +171,20 @@ class VLLMEngine:
         self.dtype = getattr(model_config, "dtype", None) or self.dtype
         self._requests: dict[str, tuple[GenerationRequest, int]] = {}
         self._updating = False
+
+    @staticmethod
+    def _cpu_scheduling(max_model_len: int | None) -> dict[str, Any]:
+        """On vLLM's CPU build, prompts are never prefilled in pieces. A piece's sampled token is thrown away and
+        vLLM rewinds that request's seeded generator by its offset, which CPU generators do not have: the engine
+        died with "CPU Generator does not use offset" once a step's prompts passed its token budget (64 episodes
+        of 4 turns). Whole prompts also keep a seed's samples independent of how requests were batched."""
+        from vllm.config import SchedulerConfig
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return {}
+        return {"enable_chunked_prefill": False,
+                "max_num_batched_tokens": max(max_model_len or 0, SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS)}
 
     def _sampling_params(self, spec: SamplingSpec, index: int) -> Any:
         from vllm import SamplingParams
