@@ -202,6 +202,41 @@ def test_an_actor_that_answers_again_from_the_same_process_after_an_outage_is_re
     assert not r.out
 
 
+def test_two_threads_holding_the_same_answer_that_the_server_is_back_do_not_kill_the_new_process(
+    ray_local: None, tmp_path: Path
+) -> None:
+    """Before: two scoring threads waited on one restarting reference with the same identity probe; the first
+    recorded the new process, the second compared the same answer with it, took it for the old process answering
+    after an outage and killed it: two restarts for one kill (seen in test_chaos on a loaded machine)."""
+    import ray
+
+    from rayrlhf.orchestrator.faults import Restartable
+
+    r = Restartable("server", _server_class().remote(), _policy(tmp_path))
+    kills = []
+    r._kill = lambda: kills.append(r.ident)  # noqa: SLF001 - record instead of killing
+    os.kill(r.ident[1], signal.SIGKILL)
+    old = r.ident
+    assert r.take_out("died (ActorUnavailableError)", UNAVAILABLE)
+    deadline = time.monotonic() + 120
+    while True:  # the probes the failure handler sends, until the new process answers one
+        assert time.monotonic() < deadline
+        probe = r._probe  # noqa: SLF001
+        if probe is None:
+            time.sleep(0.05)
+            continue
+        try:
+            answer = tuple(ray.get(probe, timeout=120))  # both threads read this answer
+        except ray.exceptions.ActorUnavailableError:
+            answer = None
+        if answer is not None and answer != old:
+            break
+        assert not r._settle(probe, old, answer)  # noqa: SLF001 - still restarting: it asks again
+    assert r._settle(probe, old, answer)  # noqa: SLF001 - the first thread
+    assert r._settle(probe, old, answer)  # noqa: SLF001 - the second, with the same answer: nothing to do
+    assert kills == [] and r.incarnation == 1 and r.ident == answer
+
+
 def test_two_threads_that_see_one_server_die_count_one_restart_and_both_get_answers(
     ray_local: None, tmp_path: Path
 ) -> None:

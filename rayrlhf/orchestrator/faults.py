@@ -188,7 +188,7 @@ class Restartable:
         with self._lock:
             if not self.out or self._ready:
                 return True
-            probe = self._probe
+            probe, old = self._probe, self.ident
         if self.lost or probe is None:
             return False
         ready, _ = ray.wait([probe], timeout=0)
@@ -203,19 +203,28 @@ class Restartable:
                 self.lost = f"{type(exc).__name__}: {exc}"[:500]
             log.error("%s is lost for good: %s", self.name, self.lost)
             return False
-        if ident is not None and ident == self.ident and not self._killed:
-            # the old process answers again (a transient outage): it may hold abandoned work, so it restarts fresh
+        return self._settle(probe, old, ident)
+
+    def _settle(self, probe: Any, old: tuple[str, int], ident: tuple[str, int] | None) -> bool:
+        """Act on the answer `ident` to `probe`, sent while `old` served. Several threads may hold the same answer:
+        only the first acts on it. (Before: a second thread compared it with the identity the first had just
+        recorded, took the new process for the old one answering again, and killed it.)"""
+        with self._lock:
+            if not self.out or self._ready:
+                return True  # another thread saw the new process first
+            if probe is not self._probe:
+                return False  # another thread acted on this answer already
+            stale = ident is not None and ident == old and not self._killed
+            if ident is not None and ident != old:
+                self.ident, self.incarnation, self._killed, self._ready = ident, self.incarnation + 1, False, True
+                return True
+            self._probe = None if stale else self.actor.identity.remote()  # not restarted yet: ask again
+        if stale:  # the old process answers again (a transient outage): it may hold abandoned work, so it restarts
             log.warning("%s answers again from the same process after an outage; restarting it", self.name)
             self._kill()
-            ident = None
-        if ident is None or ident == self.ident:  # not restarted yet, or the old process answering before it died
             with self._lock:
                 self._probe = self.actor.identity.remote()
-            return False
-        with self._lock:
-            if not self._ready:
-                self.ident, self.incarnation, self._killed, self._ready = ident, self.incarnation + 1, False, True
-        return True
+        return False
 
     def back_in_service(self) -> None:
         with self._lock:
