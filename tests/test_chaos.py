@@ -112,12 +112,15 @@ def _in_weight_broadcast(rank: object, marker: str) -> None:
 
 
 def _stall_engine(worker: object) -> None:
-    """Runs inside a rollout worker: a thread takes the engine lock and never gives it back (a hung engine)."""
-    def hold() -> None:
-        with worker._engine_lock:  # type: ignore[attr-defined]
-            time.sleep(3600)
+    """Runs inside a rollout worker: its engine thread is handed work that never ends (a hung engine)."""
+    from concurrent.futures import Future
 
-    threading.Thread(target=hold, name="chaos-stall", daemon=True).start()
+    def hold() -> None:  # named, so that the hang's stack dump shows it
+        time.sleep(3600)
+
+    with worker._cond:  # type: ignore[attr-defined]
+        worker._calls.append((hold, (), Future()))  # type: ignore[attr-defined]
+        worker._cond.notify_all()  # type: ignore[attr-defined]
 
 
 class Chaos(threading.Thread):

@@ -116,19 +116,20 @@ def _fail_loads(worker: object) -> None:
 
 
 def _stall(worker: object) -> None:
-    """Runs inside a rollout worker: a thread takes the engine lock and never gives it back (a hung engine)."""
-    import threading
+    """Runs inside a rollout worker: its engine thread is handed work that never ends (a hung engine)."""
     import time
+    from concurrent.futures import Future
 
-    def hold() -> None:
-        with worker._engine_lock:  # type: ignore[attr-defined]
-            time.sleep(3600)
+    def hold() -> None:  # named, so that the hang's stack dump shows it
+        time.sleep(3600)
 
-    threading.Thread(target=hold, daemon=True).start()
+    with worker._cond:  # type: ignore[attr-defined]
+        worker._calls.append((hold, (), Future()))  # type: ignore[attr-defined]
+        worker._cond.notify_all()  # type: ignore[attr-defined]
 
 
 def test_a_worker_that_fails_or_hangs_during_the_sync_is_blamed_not_the_trainer(setup) -> None:
-    """Before: a worker whose engine failed during the sync, or that was stuck in its engine lock, was reported as a
+    """Before: a worker whose engine failed during the sync, or whose engine thread was stuck, was reported as a
     trainer failure (TrainerFailed), which rolled the trainers back to a checkpoint. The other worker still gets the
     weights. (Last in this module: it leaves both workers broken.)"""
     import sys

@@ -1,11 +1,18 @@
 """Rollout workers: Ray actors that each host one generation engine and stream completions.
 
-A worker is a threaded actor. One background thread owns the engine and runs its loop
-(take new requests, add them, step, hand finished completions to the call that asked for
-them), so a `generate` call streams each completion the moment it finishes while other calls
-(`load`, the weight sync, `checksums`) are served from other threads. Engine work is
-serialised by one lock: a weight update or a checksum never interleaves with a step, and
-between `begin_weight_update` and `finish_weight_update` the loop does not step at all.
+A worker is a threaded actor. One background thread owns the engine: it builds it and runs its
+loop (run the control calls waiting for the engine, take new requests, add them, step, hand
+finished completions to the call that asked for them), so a `generate` call streams each
+completion the moment it finishes while other calls (`load`, the weight sync, `checksums`) are
+answered from other threads. Those threads never touch the engine: they hand their engine work
+to the engine thread and wait for it, so a weight update or a checksum never interleaves with a
+step, and between `begin_weight_update` and `finish_weight_update` the loop does not step.
+
+Why one thread does all of the engine's compute: torch's OpenMP runtime (libgomp) keeps a team
+of threads for every thread that starts parallel work. With two or more teams on a CPU node it
+counts more threads than cores and makes every team's threads sleep between kernels instead of
+spinning; waking them again cost about a fifth of CPU generation (bench/rollout_throughput.py,
+docs/performance.md), when the engine was built on one thread and stepped on another.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +65,8 @@ class RolloutWorker:
         pin_to_cores(cpus)  # before the engine starts its threads (and TP processes), which inherit it
         self._name = name
         self._backend = backend
-        self._engine: Engine = make_engine(backend, **engine_kwargs)
-        self._episodes = self._episode_runner(episodes) if episodes else None
-        self._engine_lock = threading.Lock()  # held for every engine call
         self._cond = threading.Condition()  # guards the fields below; wakes the loop
+        self._calls: list[tuple[Any, tuple, Future]] = []  # engine work handed over by other threads
         self._inbox: list[GenerationRequest] = []
         self._routes: dict[str, _Route] = {}
         self._outstanding = 0
@@ -69,8 +75,12 @@ class RolloutWorker:
         self._failed: BaseException | None = None
         self._version = 0
         self._weight_group: Any = None
-        self._thread = threading.Thread(target=self._loop, name=f"{name}-engine", daemon=True)
+        built: Future = Future()
+        self._thread = threading.Thread(target=self._run, args=(backend, engine_kwargs, built), name=f"{name}-engine",
+                                        daemon=True)
         self._thread.start()
+        self._engine: Engine = built.result()  # raises what building it raised
+        self._episodes = self._episode_runner(episodes) if episodes else None
         log.info("%s: %s engine started in %.1f s", name, backend, time.perf_counter() - started)
 
     def _episode_runner(self, episodes: dict[str, Any]) -> Any:
@@ -98,36 +108,62 @@ class RolloutWorker:
 
     # ----- engine loop ------------------------------------------------------------------------
 
+    def _run(self, backend: str, engine_kwargs: dict[str, Any], built: Future) -> None:
+        """The engine thread: build the engine here, then loop (see the module's docstring for why one thread)."""
+        try:
+            self._engine = make_engine(backend, **engine_kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the constructor, which raises it
+            built.set_exception(exc)
+            return
+        built.set_result(self._engine)
+        self._loop()
+
+    def _on_engine(self, fn: Any, *args: Any) -> Any:
+        """Run `fn(*args)` on the engine thread, between two steps, and return its result (or raise its error)."""
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        done: Future = Future()
+        with self._cond:
+            if self._failed is not None:
+                raise RuntimeError(f"{self._name}: the engine failed earlier: {self._failed!r}")
+            self._calls.append((fn, args, done))
+            self._cond.notify_all()
+        return done.result()
+
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while self._updating or not (self._inbox or self._busy):
+                while not self._calls and (self._updating or not (self._inbox or self._busy)):
                     self._cond.wait()
+                calls, self._calls = self._calls, []
+            for fn, args, done in calls:
+                try:
+                    done.set_result(fn(*args))
+                except BaseException as exc:  # noqa: BLE001 - raised in the thread that asked
+                    done.set_exception(exc)
+            with self._cond:
+                if self._updating or self._calls:  # no stepping during an update; calls first
+                    continue
                 inbox, self._inbox = self._inbox, []
             finished: list[Completion] = []
-            with self._engine_lock:
-                if self._updating:  # an update began after we woke: put the requests back
-                    with self._cond:
-                        self._inbox[:0] = inbox
-                    continue
-                rejected_turns = []
-                for request in inbox:
-                    try:
-                        self._engine.add(request)
-                    except Exception as exc:  # bad request: fail its call (or its episode), keep serving others
-                        if self._episodes is not None and self._episodes.owns(request.request_id):
-                            rejected_turns.append((request, exc))
-                        else:
-                            self._reject(request, exc)
+            rejected_turns = []
+            for request in inbox:
                 try:
-                    if self._engine.has_unfinished():
-                        finished = self._engine.step()
-                    busy = self._engine.has_unfinished()
-                except BaseException as exc:
-                    log.exception("%s: engine step failed", self._name)
-                    self._fail_all(exc)
-                    return
-                version = self._version
+                    self._engine.add(request)
+                except Exception as exc:  # bad request: fail its call (or its episode), keep serving others
+                    if self._episodes is not None and self._episodes.owns(request.request_id):
+                        rejected_turns.append((request, exc))
+                    else:
+                        self._reject(request, exc)
+            try:
+                if self._engine.has_unfinished():
+                    finished = self._engine.step()
+                busy = self._engine.has_unfinished()
+            except BaseException as exc:
+                log.exception("%s: engine step failed", self._name)
+                self._fail_all(exc)
+                return
+            version = self._version
             turns = []
             with self._cond:
                 self._busy = busy
@@ -170,6 +206,9 @@ class RolloutWorker:
                 route.sink.put(RuntimeError(f"{self._name}: the engine failed: {exc!r}"))
             self._routes.clear()
             self._outstanding = 0
+            calls, self._calls = self._calls, []
+        for _, _, done in calls:
+            done.set_exception(RuntimeError(f"{self._name}: the engine failed: {exc!r}"))
 
     # ----- generation ---------------------------------------------------------------------------
 
@@ -233,8 +272,7 @@ class RolloutWorker:
 
     def reset_prefix_cache(self) -> None:
         """Forget cached prompt KV (cached blocks are reused across requests with the same prefix)."""
-        with self._engine_lock:
-            self._engine.reset_prefix_cache()
+        self._on_engine(self._engine.reset_prefix_cache)
 
     def weight_dtype(self) -> str:
         """The dtype this worker's engine computes in ('bfloat16', 'float32', ...), decided on its own node: weights
@@ -254,35 +292,40 @@ class RolloutWorker:
 
         An update left unfinished (its sync was abandoned when a trainer rank failed) is closed first; the
         weights it left half-loaded are all overwritten by this one, which is verified."""
-        with self._engine_lock:
-            if self._updating:
-                log.warning("%s: closing a weight update that was left unfinished", self._name)
-                try:
-                    self._engine.finish_weight_update()
-                except Exception as exc:  # noqa: BLE001 - the new update replaces every weight anyway
-                    log.warning("%s: closing it failed (%r); going on with the new update", self._name, exc)
-            with self._cond:
-                self._updating = True
-            self._engine.begin_weight_update(aliases)
+        self._on_engine(self._begin_update, aliases)
+
+    def _begin_update(self, aliases: dict[str, str] | None) -> None:
+        if self._updating:
+            log.warning("%s: closing a weight update that was left unfinished", self._name)
+            try:
+                self._engine.finish_weight_update()
+            except Exception as exc:  # noqa: BLE001 - the new update replaces every weight anyway
+                log.warning("%s: closing it failed (%r); going on with the new update", self._name, exc)
+        with self._cond:
+            self._updating = True
+        self._engine.begin_weight_update(aliases)
 
     def load_weights(self, bucket: Bucket) -> None:
         """Load one bucket of (HF name, array) pairs; call between begin and finish."""
-        with self._engine_lock:
-            if not self._updating:
-                raise RuntimeError(f"{self._name}: load_weights called without begin_weight_update")
-            self._engine.load_weights(bucket)
+        self._on_engine(self._load_bucket, bucket)
+
+    def _load_bucket(self, bucket: Bucket) -> None:
+        if not self._updating:
+            raise RuntimeError(f"{self._name}: load_weights called without begin_weight_update")
+        self._engine.load_weights(bucket)
 
     def finish_weight_update(self, version: int) -> None:
         """Complete the update, set the weight version stamped on later completions, resume stepping."""
-        with self._engine_lock:
-            if not self._updating:
-                raise RuntimeError(f"{self._name}: finish_weight_update called without begin_weight_update")
-            self._engine.finish_weight_update()
-            self._version = version
-            with self._cond:
-                self._updating = False
-                self._cond.notify_all()
+        self._on_engine(self._finish_update, version)
         log.info("%s: weights at version %d", self._name, version)
+
+    def _finish_update(self, version: int) -> None:
+        if not self._updating:
+            raise RuntimeError(f"{self._name}: finish_weight_update called without begin_weight_update")
+        self._engine.finish_weight_update()
+        self._version = version
+        with self._cond:
+            self._updating = False
 
     # ----- collective transport (see rayrlhf.actors.collective) -------------------------------
 
@@ -327,8 +370,7 @@ class RolloutWorker:
 
         def flush() -> None:
             nonlocal bucket, size, loaded
-            with self._engine_lock:
-                self._engine.load_weights(bucket)
+            self._on_engine(self._load_bucket, bucket)
             bucket, size, loaded = [], 0, loaded + 1
 
         for name, shape, dtype in metadata:
@@ -346,10 +388,12 @@ class RolloutWorker:
     def checksums(self, names: list[str]) -> dict[tuple[str, Any], str]:
         """{(checkpoint name, region): checksum} of every weight piece the engine computes with
         (`names`: the trainer's checkpoint names; compare with `weight_sync.verify_weights`)."""
-        with self._engine_lock:
-            if self._updating:
-                raise RuntimeError(f"{self._name}: checksums requested during a weight update")
-            return self._engine.checksums(names)
+        return self._on_engine(self._checksums, names)
+
+    def _checksums(self, names: list[str]) -> dict[tuple[str, Any], str]:
+        if self._updating:
+            raise RuntimeError(f"{self._name}: checksums requested during a weight update")
+        return self._engine.checksums(names)
 
 
 def _engine_kwargs(

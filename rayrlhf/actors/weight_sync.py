@@ -64,7 +64,8 @@ def settle(refs: dict[int, list[Any]], deadline: float) -> dict[int, tuple[str, 
             try:
                 ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - blamed on the worker that made the call
-                failed.setdefault(owner[ref], (classify(exc), f"{type(exc).__name__}: {exc}"[:600]))
+                cause = getattr(exc, "cause", None) or exc  # the actor's own error, not Ray's traceback of it
+                failed.setdefault(owner[ref], (classify(exc), f"{type(cause).__name__}: {cause}"[:600]))
         if pending and time.monotonic() >= deadline:
             for ref in pending:
                 failed.setdefault(owner[ref], (TIMEOUT, "no answer within faults.sync_timeout_s"))
