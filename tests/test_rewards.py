@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -173,7 +175,7 @@ def test_http_reward_gives_up_after_bounded_retries() -> None:
 def test_reward_actor_counts_failures_without_crashing(ray_local: None, flaky_file: Path) -> None:
     import ray
 
-    from rayrlhf.actors.scorers import RemoteRewardServer
+    from rayrlhf.actors.reward_server import RemoteRewardServer
 
     server = RemoteRewardServer.options(num_cpus=0).remote(function=f"{flaky_file}:reward")
     scores = ray.get(server.score.remote(["p"] * 4, ["a", "boom", "b", "boom"], {"answer": ["a", "a", "b", "b"]}))
@@ -188,7 +190,7 @@ def test_reward_model_server_scores_token_batches(ray_local: None, tiny_model: P
     import ray
     import torch
 
-    from rayrlhf.actors.scorers import RemoteRewardServer
+    from rayrlhf.actors.reward_server import RemoteRewardServer
     from rayrlhf.models.forward import pack_batch, sequence_scores
     from rayrlhf.models.loading import load_reward_model, load_tokenizer
 
@@ -207,7 +209,7 @@ def test_reward_model_server_scores_token_batches(ray_local: None, tiny_model: P
 def test_reward_model_scores_that_are_not_finite_count_as_unscored(tiny_model: Path, tmp_path: Path) -> None:
     import torch
 
-    from rayrlhf.actors.scorers import RewardServer
+    from rayrlhf.actors.reward_server import RewardServer
     from rayrlhf.models.forward import pack_batch
     from rayrlhf.models.loading import load_reward_model, load_tokenizer
 
@@ -225,7 +227,7 @@ def test_a_reward_model_with_another_tokenizer_scores_its_own_tokens(tiny_model:
     """The policy's token ids mean nothing to it: it re-tokenizes the decoded prompt and response itself."""
     import torch
 
-    from rayrlhf.actors.scorers import RewardServer
+    from rayrlhf.actors.reward_server import RewardServer
     from rayrlhf.models.forward import pack_batch, sequence_scores
     from rayrlhf.models.loading import load_reward_model
     from rayrlhf.models.tiny import build_tokenizer
@@ -262,7 +264,7 @@ def test_weighted_sum_is_unscored_when_a_weighted_part_is_missing() -> None:
 
 
 def test_reward_server_scores_weighted_functions_each_in_its_own_process(flaky_file: Path) -> None:
-    from rayrlhf.actors.scorers import RewardServer
+    from rayrlhf.actors.reward_server import RewardServer
 
     server = RewardServer(functions=[
         {"function": "rayrlhf.rewards.tasks:sort_reward", "weight": 2.0, "name": "sort"},
@@ -382,3 +384,18 @@ def test_math_reward_in_its_reward_process() -> None:
         assert scores == [1.0, 0.0, None]
     finally:
         runner.close()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_reward_server_for_functions_does_not_load_torch() -> None:
+    """The reward server's process starts beside the trainer and rollout processes; one serving only functions must
+    not spend start-up importing torch and transformers (about 4 s of CPU on the 2-core machine). A model-serving
+    server imports them when it loads its model."""
+    code = ("import sys, rayrlhf.actors.reward_server as m\n"
+            "m.RewardServer(function='rayrlhf.rewards.tasks:alphabet_reward').fn.close()\n"
+            "print(sorted(n for n in ('torch', 'transformers') if n in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

@@ -362,3 +362,20 @@ def test_a_rank_that_stops_answering_is_declared_hung_and_its_stacks_dumped(poli
     finally:
         policy3.watch(None, 60.0)
         policy3.broken = None
+
+
+def test_a_one_rank_cpu_trainer_skips_deepspeeds_shared_memory_op() -> None:
+    """DeepSpeed loads (on a fresh machine: compiles, about a minute) a shared-memory all-reduce op for every CPU
+    process group. The patch that skips it for one rank used to land on torch itself (`import deepspeed.comm.torch as
+    m` binds the `torch` that deepspeed.comm re-exports), so every one-rank trainer still loaded it."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from rayrlhf.actors.trainer import skip_shared_memory_op\n"
+            "skip_shared_memory_op()\n"
+            "print('op:', sys.modules['deepspeed.comm.torch'].build_shm_op())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "op: None", out.stdout

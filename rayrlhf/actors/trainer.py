@@ -56,6 +56,16 @@ _LOADERS = {"policy": load_policy, "critic": load_critic, "reward": load_reward_
 __all__ = ["ROLES", "RoleModule", "TrainerRank", "TrainerSettings", "deepspeed_config", "free_port", "lr_lambda"]
 
 
+def skip_shared_memory_op() -> None:
+    """DeepSpeed loads a shared-memory all-reduce op for every CPU process group (2 s a start; on a fresh machine it
+    JIT-compiles it first, about a minute on 2 cores), used only by its tensor-parallel inference. A group of one
+    rank never communicates, so it goes without. (`import deepspeed.comm.torch as m` would bind the `torch`
+    attribute deepspeed.comm re-exports, torch itself: the module is taken from sys.modules.)"""
+    import importlib
+
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 @dataclass(frozen=True)
 class TrainerSettings:
     """What one rank needs from the job config (built by `trainer_group.trainer_settings`)."""
@@ -194,11 +204,7 @@ class TrainerRank(WeightsMixin):
             "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": "0",  # Ray gives each GPU actor its own device 0
         })
         if self.world_size == 1 and not cuda:
-            # DeepSpeed loads (and on a fresh machine JIT-builds, ~1 min) a shared-memory all-reduce op for every
-            # CPU process group; a group of one rank never communicates, so it goes without.
-            import deepspeed.comm.torch as ds_comm_torch
-
-            ds_comm_torch.build_shm_op = lambda: None
+            skip_shared_memory_op()
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
         random.seed(s.seed)
         np.random.seed(s.seed)

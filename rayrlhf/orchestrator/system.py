@@ -13,8 +13,9 @@ from typing import Any
 import ray
 import torch
 
+from rayrlhf.actors.reward_server import RemoteRewardServer
 from rayrlhf.actors.rollout import create_rollout_workers
-from rayrlhf.actors.scorers import RemoteReferenceServer, RemoteRewardServer
+from rayrlhf.actors.scorers import RemoteReferenceServer
 from rayrlhf.actors.trainer_group import TrainerGroup, place_bundles, rank_bundle
 from rayrlhf.actors.types import Completion
 from rayrlhf.actors.weight_sync import (
