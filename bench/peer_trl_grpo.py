@@ -135,7 +135,9 @@ def run_trl(model: Path, prompts: Path, tmp: Path, target: float | None = None) 
 
 def _reached(rewards: list[float], ends: list[float], target: float | None, t0: float) -> float | None:
     """Seconds from t0 to the end of the first step whose last REWARD_WINDOW steps' mean reward is >= target."""
-    for i in range(REWARD_WINDOW - 1, len(rewards) if target is not None else 0):
+    if target is None:
+        return None
+    for i in range(REWARD_WINDOW - 1, len(rewards)):
         if statistics.fmean(rewards[i - REWARD_WINDOW + 1:i + 1]) >= target:
             return ends[i] - t0
     return None
@@ -191,7 +193,9 @@ def run_rayrlhf_to_reward(model: Path, prompts: Path, tmp: Path, target: float) 
         reached = _reached([r["reward/mean"] for r in rows], [r["time"] for r in rows], target, t0)
     if reached is not None and proc.poll() is None:
         proc.send_signal(signal.SIGTERM)  # stops at the next step boundary (with a checkpoint, not timed)
-    proc.wait(timeout=300)
+    code = proc.wait(timeout=300)
+    if code not in (0, 75):  # 75: stopped by the SIGTERM above, with a checkpoint
+        raise SystemExit(f"rayrlhf train exited with {code}: see {tmp / 'rayrlhf-reward.log'}")
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     return {"first_step_s": rows[0]["time"] - t0, "reached_s": reached, "rewards": [r["reward/mean"] for r in rows]}
 

@@ -12,6 +12,7 @@ raw engine runs in this process with whatever OMP_NUM_THREADS it was started wit
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import statistics
@@ -59,7 +60,7 @@ def through_actor(model: Path, prompt_ids: list[list[int]], max_new: int, max_le
     [worker] = create_rollout_workers(model, cfg, ModelConfig(dtype="float32"), seed=0, max_model_len=max_len)
     spec = SamplingSpec(temperature=1.0, max_new_tokens=max_new, seed=1)
     collect(worker, [GenerationRequest("warm", prompt_ids[0], spec)])
-    rounds = iter(range(1_000_000))
+    rounds = itertools.count()
 
     def run() -> tuple[float, int]:
         k = next(rounds)

@@ -162,7 +162,31 @@ def test_sampling_logprobs_match_the_trainer(
     assert diff < 1e-3
 
 
+def _record_engine_threads(worker: object) -> str:
+    """Runs inside a rollout worker: every later engine call notes the thread it ran on; returns the engine thread's name."""
+    import threading
+
+    seen = worker.engine_threads_seen = set()  # type: ignore[attr-defined]
+    engine = worker._engine  # type: ignore[attr-defined]
+    def noting(method):  # noqa: ANN001, ANN202
+        def noted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            seen.add(threading.current_thread().name)
+            return method(*args, **kwargs)
+
+        return noted
+
+    for name in ("add", "step", "begin_weight_update", "load_weights", "finish_weight_update", "checksums"):
+        setattr(engine, name, noting(getattr(engine, name)))
+    return worker._thread.name  # type: ignore[attr-defined]
+
+
 def test_weight_update_changes_weights_version_and_outputs(workers: dict, tiny_model: Path, prompt_ids: list[list[int]]) -> None:
+    """Also: every engine call, the sync's included, runs on the worker's engine thread (torch's OpenMP threads slept
+    between kernels when the engine computed on two threads: docs/performance.md)."""
+    import sys
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    engine_thread = {b: ray.get(w.__ray_call__.remote(_record_engine_threads)) for b, w in workers.items()}
     greedy = {"temperature": 0.0, "max_new_tokens": 24}
     before = {b: {c.request_id: c.response_ids for c in stream(w, requests_for(prompt_ids, "d-0", **greedy))} for b, w in workers.items()}
 
@@ -186,6 +210,8 @@ def test_weight_update_changes_weights_version_and_outputs(workers: dict, tiny_m
         assert all(c.weight_version == 1 for c in after)
         changed = [c.response_ids != before[backend][c.request_id.replace("d-1", "d-0")] for c in after]
         assert any(changed), f"{backend}: greedy outputs did not change after the weight update"
+        seen = ray.get(worker.__ray_call__.remote(lambda w: sorted(w.engine_threads_seen)))
+        assert seen == [engine_thread[backend]], backend
 
 
 def test_transformers_samples_are_reproducible_whatever_they_are_batched_with(tiny_model: Path,

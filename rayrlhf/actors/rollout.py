@@ -75,12 +75,14 @@ class RolloutWorker:
         self._failed: BaseException | None = None
         self._version = 0
         self._weight_group: Any = None
+        self._episodes: Any = None  # set once the engine is up; the loop reads it
         built: Future = Future()
         self._thread = threading.Thread(target=self._run, args=(backend, engine_kwargs, built), name=f"{name}-engine",
                                         daemon=True)
         self._thread.start()
         self._engine: Engine = built.result()  # raises what building it raised
-        self._episodes = self._episode_runner(episodes) if episodes else None
+        if episodes:
+            self._episodes = self._episode_runner(episodes)
         log.info("%s: %s engine started in %.1f s", name, backend, time.perf_counter() - started)
 
     def _episode_runner(self, episodes: dict[str, Any]) -> Any:
